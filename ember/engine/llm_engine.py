@@ -1,0 +1,211 @@
+"""The engine: requests in, outputs out. Its heartbeat is `step`: schedule → execute → update."""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ember import platforms
+from ember.attention import get_backend
+from ember.config import CacheConfig, EngineConfig, SchedulerConfig
+from ember.core.kv_cache_manager import KVCacheManager
+from ember.core.request import Request, RequestStatus
+from ember.core.scheduler import Scheduler
+from ember.engine.output_processor import RequestState, SequenceState
+from ember.models.loader import build_model, load_checkpoint, resolve_model
+from ember.outputs import RequestOutput
+from ember.runner.model_runner import ModelRunner, kv_bytes_per_block
+from ember.sampling_params import SamplingParams
+from ember.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger("ember")
+
+
+@dataclass
+class EngineStats:
+    """Counters the server exports; updated by the engine thread only."""
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    finished_requests: int = 0
+    preemptions: int = 0
+
+
+class LLMEngine:
+    def __init__(self, model: str | None = None, *, dtype: str | torch.dtype | None = "auto",
+                 device: str | torch.device | None = None, max_model_len: int | None = None,
+                 max_num_seqs: int = 128, max_num_batched_tokens: int = 2048,
+                 block_size: int = 16, kv_cache_memory: int | float | None = None,
+                 enable_prefix_caching: bool = True, scheduling_policy: str | None = None,
+                 attention_backend: str = "torch", seed: int = 0) -> None:
+        t0 = time.perf_counter()
+        device = torch.device(device) if device is not None else platforms.default_device()
+        dtype = platforms.resolve_dtype(dtype, device)
+        self.source = resolve_model(model)
+        model_cfg, weights, total = load_checkpoint(self.source)
+        self.tokenizer = Tokenizer.load(self.source, model_cfg.eos_token_ids)
+        max_len = max_model_len or model_cfg.max_position_embeddings
+        backend = get_backend(attention_backend, num_heads=model_cfg.num_heads,
+                              num_kv_heads=model_cfg.num_kv_heads, head_dim=model_cfg.head_dim,
+                              scale=model_cfg.head_dim ** -0.5,
+                              sliding_window=model_cfg.sliding_window)
+        self.model = build_model(model_cfg, weights, total, backend, max_len, device, dtype,
+                                 desc=f"loading {self.source.name}")
+        policy = scheduling_policy or ("cache_aware" if enable_prefix_caching else "fcfs")
+        cfg = EngineConfig(self.source.name, model_cfg,
+                           CacheConfig(block_size, kv_cache_memory, enable_prefix_caching),
+                           SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_len, policy),
+                           device, dtype, seed)
+        num_blocks = self._num_blocks(cfg)
+        if num_blocks * block_size < max_len:
+            log.warning("KV cache holds %d tokens < max_model_len %d: capping max_model_len",
+                        num_blocks * block_size, max_len)
+            cfg = cfg.replace(scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens,
+                                                        num_blocks * block_size, policy))
+        self.config = cfg
+        prefix_cache = None
+        if enable_prefix_caching:
+            from ember.core.prefix_cache import RadixPrefixCache
+            prefix_cache = RadixPrefixCache()
+        self.kv = KVCacheManager(num_blocks, block_size, prefix_cache)
+        self.scheduler = Scheduler(cfg.scheduler, self.kv)
+        self.runner = ModelRunner(cfg, self.model, backend, num_blocks)
+        self.states: dict[str, RequestState] = {}
+        self._seqs: dict[str, tuple[RequestState, SequenceState]] = {}   # engine request id → its seq
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+        self.load_time = time.perf_counter() - t0
+        self.summary = (f"ember: {self.source.name} ({model_cfg.architecture}, "
+                        f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M params) "
+                        f"dtype={str(dtype).removeprefix('torch.')} device={device} "
+                        f"KV cache {num_blocks * block_size:,} tokens, "
+                        f"max_model_len {cfg.scheduler.max_model_len}, "
+                        f"loaded in {self.load_time:.1f} s")
+
+    @staticmethod
+    def _num_blocks(cfg: EngineConfig) -> int:
+        budget = cfg.cache.kv_cache_memory
+        if budget is None:
+            budget = platforms.default_kv_cache_bytes(cfg.device)
+        elif isinstance(budget, float):
+            if not 0 < budget <= 1:
+                raise ValueError(f"kv_cache_memory as a fraction must be in (0, 1], got {budget}")
+            budget = int(budget * platforms.available_memory(cfg.device))
+        num_blocks = int(budget) // kv_bytes_per_block(cfg)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory={cfg.cache.kv_cache_memory} is less than one KV block "
+                             f"({kv_bytes_per_block(cfg)} bytes)")
+        # More blocks than max_num_seqs full-length sequences can never be used.
+        per_seq = -(-cfg.scheduler.max_model_len // cfg.cache.block_size)
+        return min(num_blocks, cfg.scheduler.max_num_seqs * per_seq + 1)
+
+    # ---- requests in ----------------------------------------------------------------------
+
+    def tokenize_prompt(self, prompt) -> tuple[str | None, list[int]]:
+        """A prompt is text, a list of token ids, or {"prompt": ...} / {"prompt_token_ids": ...}."""
+        if isinstance(prompt, dict):
+            unknown = set(prompt) - {"prompt", "prompt_token_ids"}
+            if unknown:
+                raise ValueError(f"unknown prompt field(s): {', '.join(sorted(unknown))}")
+            prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            vocab = self.config.model_config.vocab_size
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+            return None, list(prompt)
+        raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        limit = self.config.scheduler.max_model_len
+        if len(prompt_ids) >= limit:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens but the model's context "
+                             f"(max_model_len) is {limit}: no room to generate")
+
+    def add_request(self, prompt, params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        text, ids = self.tokenize_prompt(prompt)
+        self.validate(ids, params)
+        rid = request_id if request_id is not None else str(next(self._ids))
+        if rid in self.states:
+            raise ValueError(f"request id {rid!r} is already in use")
+        state = RequestState(rid, text, ids)
+        parent = None
+        for i in range(params.n):
+            sp = params.for_child(i) if params.n > 1 else params
+            gen = None
+            if sp.seed is not None:
+                gen = torch.Generator(device=self.config.device).manual_seed(sp.seed)
+            req = Request(rid if params.n == 1 else f"{rid}#{i}", ids, sp,
+                          self.tokenizer.eos_token_ids, self.config.scheduler.max_model_len,
+                          parent=parent, generator=gen)
+            parent = parent or req
+            seq = SequenceState(req, i, IncrementalDetokenizer(self.tokenizer, ids,
+                                                               sp.skip_special_tokens))
+            state.seqs.append(seq)
+            self._seqs[req.request_id] = (state, seq)
+            self.scheduler.add(req)
+        self.states[rid] = state
+        return rid
+
+    def abort_request(self, request_id: str) -> None:
+        state = self.states.pop(request_id, None)
+        if state is None:
+            return
+        for seq in state.seqs:
+            self._seqs.pop(seq.request.request_id, None)
+            if not seq.request.status.finished:
+                self.scheduler.finish(seq.request, RequestStatus.FINISHED_ABORTED)
+
+    # ---- the heartbeat ----------------------------------------------------------------------
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched:
+            return []
+        result = self.runner.execute(sched, self.kv)
+        self.scheduler.update(sched, result.sampled)
+        return self._process_outputs(sched, result)
+
+    def _process_outputs(self, sched, result) -> list[RequestOutput]:
+        self.stats.preemptions += len(sched.preempted)
+        touched: dict[str, RequestState] = {}
+        for s, token, lp in zip(sched.scheduled, result.sampled, result.logprobs):
+            req = s.request
+            if token is None:
+                continue
+            if req.request_id not in self._seqs:
+                continue
+            state, seq = self._seqs[req.request_id]
+            stop = seq.add_token(token, lp, self.tokenizer)
+            if stop is not None and not req.status.finished:
+                req.stop_reason = stop
+                self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+            if req.num_output_tokens == 1:
+                self.stats.prompt_tokens += req.num_prompt_tokens
+                self.stats.cached_prompt_tokens += req.num_cached_tokens
+            self.stats.generation_tokens += 1
+            touched[state.request_id] = state
+        outputs = []
+        for rid, state in touched.items():
+            outputs.append(state.output())
+            if state.finished:
+                self.stats.finished_requests += 1
+                del self.states[rid]
+                for seq in state.seqs:
+                    del self._seqs[seq.request.request_id]
+        return outputs

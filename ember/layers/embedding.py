@@ -1,0 +1,40 @@
+"""Vocabulary-parallel embedding and LM head: each rank holds a contiguous slice of the vocab."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ember.distributed import SINGLE, ParallelState
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, dim: int, ps: ParallelState = SINGLE) -> None:
+        super().__init__()
+        self.ps = ps
+        self.per_rank = -(-vocab_size // ps.tp_size)
+        self.vocab_start = ps.tp_rank * self.per_rank
+        self.weight = nn.Parameter(torch.empty(self.per_rank, dim), requires_grad=False)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        part = loaded[self.vocab_start:self.vocab_start + self.per_rank]
+        param.data[:part.shape[0]].copy_(part)
+        param.data[part.shape[0]:].zero_()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.ps.tp_size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.vocab_start
+        mine = (local >= 0) & (local < self.per_rank)
+        out = F.embedding(local.clamp(0, self.per_rank - 1), self.weight) * mine.unsqueeze(-1)
+        return self.ps.all_reduce(out)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    def __init__(self, vocab_size: int, dim: int, ps: ParallelState = SINGLE) -> None:
+        super().__init__(vocab_size, dim, ps)
+        self.vocab_size = vocab_size
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.weight)
+        return self.ps.all_gather(logits, dim=-1)[..., :self.vocab_size]

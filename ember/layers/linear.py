@@ -1,0 +1,97 @@
+"""Linear layers written for tensor parallelism (Megatron-style); each layer loads its shard.
+
+ColumnParallel splits the output dimension (no communication after), RowParallel splits the
+input dimension (all-reduce after). Merged/QKV variants pack several checkpoint matrices into one
+parameter; `weight_loader(param, loaded, shard_id)` writes one of them into its slice.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ember.distributed import SINGLE, ParallelState
+
+
+def _shard(t: torch.Tensor, dim: int, ps: ParallelState) -> torch.Tensor:
+    size = t.shape[dim] // ps.tp_size
+    return t.narrow(dim, ps.tp_rank * size, size)
+
+
+class ColumnParallelLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 ps: ParallelState = SINGLE) -> None:
+        super().__init__()
+        if out_features % ps.tp_size:
+            raise ValueError(f"{out_features} outputs do not split over {ps.tp_size} ranks")
+        self.ps = ps
+        self.weight = nn.Parameter(torch.empty(out_features // ps.tp_size, in_features),
+                                   requires_grad=False)
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features // ps.tp_size), requires_grad=False)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        param.data.copy_(_shard(loaded, 0, self.ps))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel matrices stacked along the output (e.g. gate_proj and up_proj)."""
+
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False,
+                 ps: ParallelState = SINGLE) -> None:
+        super().__init__(in_features, sum(out_sizes), bias, ps)
+        self.out_sizes = [s // ps.tp_size for s in out_sizes]
+
+    def _slice(self, shard_id: int) -> tuple[int, int]:
+        return sum(self.out_sizes[:shard_id]), self.out_sizes[shard_id]
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        start, size = self._slice(shard_id)
+        param.data.narrow(0, start, size).copy_(_shard(loaded, 0, self.ps))
+
+
+class QKVParallelLinear(MergedColumnParallelLinear):
+    """q, k and v projections in one matmul; heads split over ranks (KV heads replicated if fewer)."""
+
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False, ps: ParallelState = SINGLE) -> None:
+        self.kv_replicas = max(1, ps.tp_size // num_kv_heads)
+        kv_out = max(num_kv_heads, ps.tp_size) * head_dim
+        super().__init__(hidden, [num_heads * head_dim, kv_out, kv_out], bias, ps)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        idx = "qkv".index(shard_id)
+        start, size = self._slice(idx)
+        if idx == 0 or self.kv_replicas == 1:
+            part = _shard(loaded, 0, self.ps)
+        else:
+            part = loaded.narrow(0, (self.ps.tp_rank // self.kv_replicas) * size, size)
+        param.data.narrow(0, start, size).copy_(part)
+
+
+class RowParallelLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 ps: ParallelState = SINGLE) -> None:
+        super().__init__()
+        if in_features % ps.tp_size:
+            raise ValueError(f"{in_features} inputs do not split over {ps.tp_size} ranks")
+        self.ps = ps
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // ps.tp_size),
+                                   requires_grad=False)
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        # the bias is not split: it is added once, after the reduction
+        param.data.copy_(loaded if param is self.bias else _shard(loaded, 1, self.ps))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        y = self.ps.all_reduce(y)
+        # The bias is added once, after the reduction.
+        return y if self.bias is None else y + self.bias

@@ -1,0 +1,124 @@
+"""Find a model (HF folder, HF cache repo id offline, or GGUF file) and load it into our modules.
+
+Only safetensors and GGUF are read: nothing is unpickled and no code from the model folder runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from ember.config import ModelConfig
+from ember.models.registry import model_class
+
+
+@dataclass
+class ModelSource:
+    kind: str                 # "hf" or "gguf"
+    path: str                 # folder (hf) or file (gguf)
+    name: str                 # what the user called it
+
+
+def resolve_model(model: str | None) -> ModelSource:
+    from ember.models.gguf_loader import default_gguf_path
+    if model is None:
+        return ModelSource("gguf", default_gguf_path(), "SmolLM2-135M-Instruct")
+    path = os.path.expanduser(model)
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise ValueError(f"{path}: not a .gguf file nor a model folder with config.json")
+        return ModelSource("gguf", path, model)
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return ModelSource("hf", path, model)
+        ggufs = sorted(glob.glob(os.path.join(path, "*.gguf")))
+        if len(ggufs) == 1:
+            return ModelSource("gguf", ggufs[0], model)
+        raise FileNotFoundError(f"{path}: no config.json (and not exactly one .gguf file) in folder")
+    if model.count("/") == 1 and not model.startswith((".", "/")) and ".." not in model:
+        return ModelSource("hf", _from_hf_cache(model), model)
+    raise FileNotFoundError(f"model {model!r}: no such file or folder")
+
+
+def _from_hf_cache(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception as e:
+        raise FileNotFoundError(
+            f"model {repo_id!r} is not a local path and is not in the Hugging Face cache "
+            f"(ember never downloads at run time): {e}") from None
+
+
+def read_hf_config(folder: str) -> dict:
+    with open(os.path.join(folder, "config.json")) as f:
+        hf = json.load(f)
+    gen = os.path.join(folder, "generation_config.json")
+    if os.path.isfile(gen):
+        with open(gen) as f:
+            eos = json.load(f).get("eos_token_id")
+        if eos is not None:
+            hf["eos_token_id"] = eos
+    return hf
+
+
+def iter_safetensors(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights (pickled .bin files are not "
+                                f"loaded, on purpose: they can run code)")
+    for file in files:
+        try:
+            with safe_open(file, "pt") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        except Exception as e:
+            if isinstance(e, (FileNotFoundError, ValueError)) and file in str(e):
+                raise
+            raise ValueError(f"{file}: unreadable safetensors file ({e})") from None
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def load_checkpoint(source: ModelSource) -> tuple[ModelConfig, Iterator, int]:
+    """(config, weight iterator, number of tensors) for either format."""
+    if source.kind == "gguf":
+        from ember.models.gguf_loader import read_gguf
+        ckpt = read_gguf(source.path)
+        return ModelConfig.from_hf(ckpt.config), ckpt.iter_weights(), getattr(ckpt, "num_tensors", None)
+    cfg = ModelConfig.from_hf(read_hf_config(source.path))
+    return cfg, iter_safetensors(source.path), None
+
+
+def build_model(cfg: ModelConfig, weights: Iterator, total: int | None, backend,
+                max_position: int, device: torch.device, dtype: torch.dtype,
+                desc: str = "loading weights") -> torch.nn.Module:
+    cls = model_class(cfg.architecture)
+    with torch.device("meta"), _default_dtype(dtype):
+        model = cls(cfg, backend, max_position)
+    model.to_empty(device=device)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    loaded = model.load_weights(tqdm(weights, total=total, desc=desc, unit="tensor",
+                                     leave=False, disable=None))
+    expected = {n for n, _ in model.named_parameters()}
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[:3]}")
+    model.post_load(device, dtype)
+    return model.eval()

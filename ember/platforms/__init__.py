@@ -1,0 +1,74 @@
+"""The only place that names a device API. Everything goes through torch.accelerator, CPU fallback."""
+from __future__ import annotations
+
+import functools
+import time
+
+import psutil
+import torch
+
+
+def default_device() -> torch.device:
+    if torch.accelerator.is_available():
+        acc = torch.accelerator.current_accelerator()
+        return torch.device(acc.type, torch.accelerator.current_device_index())
+    return torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for the KV cache on this device right now."""
+    if device.type == "cpu":
+        return psutil.virtual_memory().available
+    free, _total = torch.accelerator.get_memory_info(device)
+    return free
+
+
+def default_kv_cache_bytes(device: torch.device) -> int:
+    free = available_memory(device)
+    if device.type == "cpu":
+        # Leave most RAM to the OS and other processes: vLLM-CPU's default is 4 GiB.
+        return int(min(4 << 30, 0.25 * free))
+    return int(0.85 * free)
+
+
+@functools.cache
+def _bf16_is_fast_on_cpu() -> bool:
+    """Measured, not guessed from a CPU name: bf16 must beat fp32 on a matmul of model-like shape."""
+    a32, b32 = torch.randn(64, 1024), torch.randn(1024, 1024)
+    a16, b16 = a32.bfloat16(), b32.bfloat16()
+
+    def best(a, b) -> float:
+        a @ b
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(4):
+                a @ b
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    return best(a16, b16) < 0.8 * best(a32, b32)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cpu":
+        return torch.bfloat16 if _bf16_is_fast_on_cpu() else torch.float32
+    return torch.bfloat16
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return default_dtype(device)
+    names = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(names)}")
+    return names[dtype]
