@@ -2,8 +2,8 @@
 
 The runner describes a step's batch once (`BatchLayout`); the backend turns it into its own
 `AttentionMetadata` once per step; every layer then calls `forward` with that metadata.
-The KV cache of one layer is a tensor [2, num_slots, num_kv_heads, head_dim], where
-slot = block_id * block_size + offset.
+The KV cache of one layer is one tensor whose shape the backend chooses (`kv_cache_shape`);
+token slots are numbered slot = block_id * block_size + offset.
 """
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ class AttentionBackend(ABC):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
         self.sliding_window = sliding_window
+
+    @abstractmethod
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]: ...
 
     @abstractmethod
     def build_metadata(self, layout: BatchLayout, device: torch.device) -> AttentionMetadata: ...

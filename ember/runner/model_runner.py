@@ -43,11 +43,9 @@ class ModelRunner:
                  num_blocks: int) -> None:
         self.cfg, self.model, self.backend = cfg, model, backend
         self.device = cfg.device
-        m = cfg.model_config
-        slots = num_blocks * cfg.cache.block_size
-        # One tensor per layer: [2 (k, v), slots, kv_heads, head_dim]
-        self.kv_caches = [torch.empty(2, slots, m.num_kv_heads, m.head_dim, dtype=cfg.dtype,
-                                      device=self.device) for _ in range(m.num_layers)]
+        shape = backend.kv_cache_shape(num_blocks, cfg.cache.block_size)
+        self.kv_caches = [torch.empty(shape, dtype=cfg.dtype, device=self.device)
+                          for _ in range(cfg.model_config.num_layers)]
         self.sampler = Sampler(self.device, cfg.seed)
 
     def _layout(self, sched, kv: KVCacheManager) -> BatchLayout:
