@@ -32,6 +32,7 @@ class EngineStats:
     cached_prompt_tokens: int = 0
     finished_requests: int = 0
     preemptions: int = 0
+    prompt_tokens_computed: int = 0     # prompt tokens that went through the model (not reused)
 
 
 class LLMEngine:
@@ -178,6 +179,9 @@ class LLMEngine:
         if not sched:
             return []
         result = self.runner.execute(sched, self.kv)
+        self.stats.prompt_tokens_computed += sum(
+            max(0, min(s.request.num_computed_tokens + s.num_new_tokens, s.request.num_prompt_tokens)
+                - s.request.num_computed_tokens) for s in sched.scheduled)
         self.scheduler.update(sched, result.sampled)
         return self._process_outputs(sched, result)
 

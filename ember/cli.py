@@ -1,0 +1,172 @@
+"""The `ember` command: `serve` (OpenAI-compatible server), `generate` (one prompt, streamed) and
+`chat` (interactive terminal chat). Heavy imports happen inside the subcommands so that
+`ember --help` is instant."""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from typing import Iterator
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1 << 10, "m": 1e6, "mb": 1e6,
+          "mib": 1 << 20, "g": 1e9, "gb": 1e9, "gib": 1 << 30}
+
+
+def parse_memory(text: str) -> int | float:
+    """'0.5' → a fraction of free memory; '2GiB', '512MB', '1000000' → bytes."""
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size or a fraction: {text!r}")
+    value, unit = float(m.group(1)), m.group(2).lower()
+    if not unit and value <= 1:
+        return value
+    return int(value * _UNITS[unit])
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
+    p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, help="sequences batched together (default 128)")
+    p.add_argument("--max-num-batched-tokens", type=int, help="token budget per step")
+    p.add_argument("--kv-cache-memory", type=parse_memory,
+                   help="KV cache size: bytes ('2GiB') or a fraction of free memory ('0.5')")
+    p.add_argument("--no-prefix-cache", action="store_true", help="disable prefix caching")
+    p.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling")
+
+
+def _engine_options(args) -> dict:
+    opts = {"dtype": args.dtype, "max_model_len": args.max_model_len,
+            "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+            "kv_cache_memory": args.kv_cache_memory,
+            "enable_prefix_caching": not args.no_prefix_cache, "seed": args.seed}
+    return {k: v for k, v in opts.items() if v is not None}   # unset: the engine's defaults
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ember", description="ember: a PyTorch-native LLM engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible API")
+    s.add_argument("model", nargs="?", help="HF folder, repo id or .gguf (default: SmolLM2-135M)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (not on /health, /)")
+    s.add_argument("--served-model-name", help="the model id clients send (default: its name)")
+    s.add_argument("--max-waiting", type=int, default=1024,
+                   help="answer 503 while this many sequences wait to be scheduled")
+    s.add_argument("--max-body-bytes", type=int, default=4 << 20, help="413 above this body size")
+    s.add_argument("--metrics-public", action="store_true", help="/metrics without the API key")
+    s.add_argument("--shutdown-timeout", type=float, default=5.0,
+                   help="seconds in-flight responses get to finish on SIGTERM")
+    s.add_argument("--log-level", default="warning")
+    _add_engine_args(s)
+
+    g = sub.add_parser("generate", help="complete one prompt, streaming to stdout")
+    g.add_argument("prompt")
+    g.add_argument("--model")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--dtype", default="auto")
+
+    c = sub.add_parser("chat", help="interactive chat in the terminal (/exit or EOF quits)")
+    c.add_argument("--model")
+    c.add_argument("--system", help="a system prompt")
+    c.add_argument("--max-tokens", type=int, default=512)
+    c.add_argument("--temperature", type=float, default=0.7)
+    c.add_argument("--dtype", default="auto")
+    return parser
+
+
+def stream_text(engine, prompt, params) -> Iterator[str]:
+    """Text deltas of one request, driving the (synchronous) engine directly."""
+    rid = engine.add_request(prompt, params)
+    sent = 0
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.request_id == rid:
+                    text = out.outputs[0].text
+                    yield text[sent:]
+                    sent = len(text)
+    finally:
+        engine.abort_request(rid)            # no-op once finished; frees it on Ctrl-C
+
+
+def _load_engine(model: str | None, **options):
+    from ember.engine.llm_engine import LLMEngine
+    engine = LLMEngine(model, **options)
+    print(engine.summary, file=sys.stderr, flush=True)
+    return engine
+
+
+def cmd_serve(args) -> int:
+    from ember.engine.async_engine import AsyncLLMEngine
+    from ember.engine.llm_engine import LLMEngine
+    from ember.server.api_server import serve
+    if args.max_waiting is not None and args.max_waiting < 1:
+        raise SystemExit("--max-waiting must be at least 1")
+    engine = LLMEngine(args.model, **_engine_options(args))
+    print(engine.summary, flush=True)
+    async_engine = AsyncLLMEngine(engine)
+    try:
+        serve(async_engine, args)
+    finally:
+        async_engine.shutdown()
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from ember.sampling_params import SamplingParams
+    engine = _load_engine(args.model, dtype=args.dtype)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            seed=args.seed)
+    for delta in stream_text(engine, args.prompt, params):
+        print(delta, end="", flush=True)
+    print()
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from ember.sampling_params import SamplingParams
+    engine = _load_engine(args.model, dtype=args.dtype)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat with the model; /exit or Ctrl-D quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        ids = engine.tokenizer.apply_chat_template(history, True)
+        reply = []
+        try:
+            for delta in stream_text(engine, {"prompt_token_ids": ids}, params):
+                reply.append(delta)
+                print(delta, end="", flush=True)
+        except KeyboardInterrupt:            # stop this answer, keep the conversation
+            print(" [interrupted]", end="")
+        except ValueError as e:              # e.g. the conversation outgrew the context
+            print(f"error: {e}", file=sys.stderr)
+            history.pop()
+            continue
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "warning").upper(),
+                        format="%(levelname)s %(name)s: %(message)s")
+    return {"serve": cmd_serve, "generate": cmd_generate, "chat": cmd_chat}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

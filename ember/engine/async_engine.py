@@ -1,0 +1,260 @@
+"""Asyncio front end for LLMEngine: the engine loop runs in its own thread.
+
+LLMEngine is not thread-safe, so after construction only the engine thread touches its mutable
+state. Callers post commands (add, abort) to a list that the thread drains between steps; outputs
+go back through `loop.call_soon_threadsafe` (one call per step and event loop, not per token) into
+one asyncio.Queue per stream. Tokenizing and validating a prompt only read the tokenizer and the
+frozen config, so callers do that in their own thread and get ValueError before anything streams.
+torch releases the GIL inside its ops, so the HTTP event loop keeps serving while a step runs.
+The thread sleeps on a condition variable when there is nothing to do.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator, Sequence
+
+from ember.engine.llm_engine import LLMEngine
+from ember.outputs import RequestOutput
+from ember.sampling_params import SamplingParams
+
+log = logging.getLogger("ember")
+
+
+class EngineError(RuntimeError):
+    """The engine failed while serving a request (the request is gone; others may go on)."""
+
+
+class EngineStopped(EngineError):
+    """The engine is shutting down or is unhealthy and takes no new work."""
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """Engine state for /metrics and admission control, published by the engine thread."""
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    prefix_cache_hits: int = 0        # tokens
+    prefix_cache_queries: int = 0     # tokens
+    finished_requests: int = 0
+    preemptions: int = 0
+    step_errors: int = 0
+
+
+class _Stream:
+    """Where the outputs of one caller's requests go (several requests may share one)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, request_ids: Sequence[str]) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.unfinished = set(request_ids)
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._cv = threading.Condition()
+        self._commands: list[tuple] = []             # guarded by _cv
+        self._pending_waiting = 0                    # sequences posted but not yet in the scheduler
+        self._stopping = False
+        self._owners: dict[str, _Stream] = {}        # engine thread only
+        self._step_errors = 0
+        self.error: BaseException | None = None      # set when the engine can no longer serve
+        self.snapshot = EngineSnapshot()
+        self._thread = threading.Thread(target=self._run, name="ember-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_options(cls, model: str | None = None, **options) -> "AsyncLLMEngine":
+        return cls(LLMEngine(model, **options))
+
+    # ---- caller side (any thread; streams belong to the caller's event loop) ------------------
+
+    @property
+    def healthy(self) -> bool:
+        return self._thread.is_alive() and not self._stopping and self.error is None
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.config.scheduler.max_model_len
+
+    def num_waiting(self) -> int:
+        """Sequences waiting to be scheduled, including those posted since the last step."""
+        with self._cv:
+            return self.snapshot.num_waiting + self._pending_waiting
+
+    def prepare(self, prompt, params: SamplingParams) -> list[int]:
+        """Tokenize and validate; raises ValueError. Reads only immutable engine state."""
+        _, ids = self.engine.tokenize_prompt(prompt)
+        self.engine.validate(ids, params)
+        return ids
+
+    async def add_requests(self, requests: Sequence[tuple[str, object, SamplingParams]]
+                           ) -> AsyncIterator[RequestOutput]:
+        """Validate every (request_id, prompt, params), then start them all at once.
+
+        Raises ValueError (bad input) or EngineStopped before anything runs. Returns an async
+        iterator of cumulative RequestOutputs of all the requests, interleaved, that ends when
+        all have finished; leaving it early (break, cancellation) aborts the unfinished ones.
+        """
+        prepared = [(rid, self.prepare(prompt, sp), sp) for rid, prompt, sp in requests]
+        if not self.healthy:
+            raise EngineStopped("the engine is not serving: "
+                                + ("shutting down" if self._stopping else repr(self.error)))
+        stream = _Stream(asyncio.get_running_loop(), [rid for rid, _, _ in prepared])
+        self._post([("add", rid, ids, sp, stream) for rid, ids, sp in prepared],
+                   waiting=sum(sp.n for _, _, sp in prepared))
+        return self._iterate(stream)
+
+    async def generate(self, prompt, params: SamplingParams, request_id: str
+                       ) -> AsyncIterator[RequestOutput]:
+        """Cumulative outputs of one request (vLLM's AsyncLLMEngine.generate)."""
+        stream = await self.add_requests([(request_id, prompt, params)])
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            await stream.aclose()            # aborts the request if the caller left early
+
+    def abort(self, request_id: str) -> None:
+        self._post([("abort", request_id)])
+
+    def abort_all(self, reason: str = "the server is shutting down") -> None:
+        """End every request in flight; their streams raise EngineStopped(reason)."""
+        self._post([("abort_all", reason)])
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Abort everything in flight and stop the engine thread. Idempotent."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    async def _iterate(self, stream: _Stream) -> AsyncIterator[RequestOutput]:
+        try:
+            while stream.unfinished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    stream.unfinished.discard(item.request_id)
+                yield item
+        finally:
+            for rid in list(stream.unfinished):
+                self.abort(rid)
+
+    def _post(self, commands: list[tuple], waiting: int = 0) -> None:
+        with self._cv:
+            self._commands.extend(commands)
+            self._pending_waiting += waiting
+            self._cv.notify()
+
+    # ---- engine thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not (self._commands or self._stopping
+                               or self.engine.has_unfinished_requests()):
+                        self._cv.wait()
+                    commands, self._commands = self._commands, []
+                    if self._stopping:
+                        self._deliver([(c[4], EngineStopped("the engine is shutting down"))
+                                       for c in commands if c[0] == "add"])
+                        break
+                applied = self._apply(commands)
+                if self.engine.has_unfinished_requests():
+                    self._step()
+                self._publish(applied)
+        except BaseException as e:  # noqa: BLE001 — a dead loop must not hang its callers
+            log.exception("the engine thread died")
+            self.error = e
+        self._fail_all(EngineStopped("the engine stopped"))
+        self._publish(0)
+
+    def _apply(self, commands: list[tuple]) -> int:
+        """Run posted commands in order; returns the waiting sequences they added."""
+        added, failed = 0, []
+        for cmd in commands:
+            if cmd[0] == "abort":
+                self._owners.pop(cmd[1], None)
+                self.engine.abort_request(cmd[1])
+                continue
+            if cmd[0] == "abort_all":
+                self._fail_all(EngineStopped(cmd[1]))
+                continue
+            _, rid, ids, sp, stream = cmd
+            added += sp.n
+            try:
+                self.engine.add_request({"prompt_token_ids": ids}, sp, rid)
+                self._owners[rid] = stream
+            except Exception as e:  # noqa: BLE001 — e.g. a request id already in use
+                failed.append((stream, e))
+        self._deliver(failed)
+        return added
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # noqa: BLE001 — fail the batch, keep serving the next one
+            log.exception("engine step failed; failing %d in-flight request(s)", len(self._owners))
+            self._step_errors += 1
+            self._fail_all(EngineError(f"the engine failed while running this request: {e!r}"))
+            return
+        items = []
+        for out in outputs:
+            stream = self._owners.get(out.request_id)
+            if stream is None:
+                continue                     # aborted by its caller meanwhile
+            if out.finished:
+                del self._owners[out.request_id]
+            items.append((stream, out))
+        self._deliver(items)
+
+    def _fail_all(self, error: BaseException) -> None:
+        owners, self._owners = self._owners, {}
+        for rid in owners:
+            try:
+                self.engine.abort_request(rid)
+            except Exception as e:  # noqa: BLE001 — state is broken: stop taking work
+                log.exception("abort after a failed step failed; marking the engine unhealthy")
+                self.error = e
+        self._deliver([(stream, error) for stream in owners.values()])
+
+    def _deliver(self, items: list[tuple[_Stream, object]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for stream, item in items:
+            by_loop.setdefault(stream.loop, []).append((stream.queue, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:             # the caller's loop is closed: nobody listens
+                pass
+
+    def _publish(self, applied_waiting: int) -> None:
+        eng = self.engine
+        pc, st = eng.kv.prefix_cache, eng.stats
+        snap = EngineSnapshot(
+            num_running=len(eng.scheduler.running), num_waiting=len(eng.scheduler.waiting),
+            kv_cache_usage=eng.kv.usage, prompt_tokens=st.prompt_tokens,
+            generation_tokens=st.generation_tokens, cached_prompt_tokens=st.cached_prompt_tokens,
+            prefix_cache_hits=pc.hit_tokens if pc else 0,
+            prefix_cache_queries=pc.queried_tokens if pc else 0,
+            finished_requests=st.finished_requests, preemptions=st.preemptions,
+            step_errors=self._step_errors)
+        with self._cv:
+            self.snapshot = snap
+            self._pending_waiting -= applied_waiting
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in batch:
+        queue.put_nowait(item)
