@@ -199,20 +199,66 @@ def read_gguf(path: str) -> GGUFCheckpoint:
     return GGUFCheckpoint(path, reader, config, arch)
 
 
-def load_gguf_tokenizer(path: str):
-    """HF tokenizer built from the GGUF's tokenizer metadata, cached on disk (conversion takes seconds)."""
-    from transformers import AutoTokenizer
-
+def _cache_slot(path: str, kind: str) -> tuple[str, str]:
+    """(cache folder for this exact file's derived `kind`, its parent). Keyed by path, size, mtime."""
+    from ember.config import cache_dir
     path = os.path.abspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file not found: {path}")
     st = os.stat(path)
     key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
-    cache_root = os.path.join(os.environ.get("EMBER_CACHE_DIR") or os.path.expanduser("~/.cache/ember"), "tokenizers")
-    cached = os.path.join(cache_root, key)
+    root = os.path.join(cache_dir(), kind)
+    return os.path.join(root, key), root
+
+
+def _write_atomically(target: str, root: str, write) -> None:
+    """write(tmp_dir), then rename: readers never see a half-written entry, and of concurrent
+    writers the loser just discards its copy. An unwritable cache is not an error."""
+    try:
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=root)
+    except OSError:
+        return
+    try:
+        write(tmp)
+        os.rename(tmp, target)
+    except OSError:
+        pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_gguf_weights_cached(path: str) -> tuple[dict[str, Any], Iterator[tuple[str, torch.Tensor]], int]:
+    """(config, weights, count) with the dequantized weights cached as safetensors (fp32), so that
+    later loads skip GGUF parsing and dequantization (seconds) and just map a file."""
+    import json
+    from safetensors.torch import load_file, save_file
+    cached, root = _cache_slot(path, "weights")
+    if os.path.isdir(cached):
+        with open(os.path.join(cached, "config.json")) as f:
+            config = json.load(f)
+        weights = load_file(os.path.join(cached, "model.safetensors"))
+        return config, iter(weights.items()), len(weights)
+    ckpt = read_gguf(path)
+    weights = dict(ckpt.iter_weights())
+
+    def write(tmp: str) -> None:
+        save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(tmp, "model.safetensors"))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(ckpt.config, f)
+
+    _write_atomically(cached, root, write)
+    return ckpt.config, iter(weights.items()), len(weights)
+
+
+def load_gguf_tokenizer(path: str):
+    """HF tokenizer built from the GGUF's tokenizer metadata, cached on disk (conversion takes seconds)."""
+    from transformers import AutoTokenizer
+
+    cached, root = _cache_slot(path, "tokenizers")
     if os.path.isdir(cached):
         return AutoTokenizer.from_pretrained(cached)
-
+    path = os.path.abspath(path)
     try:
         tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     except (ValueError, OSError, IndexError) as e:
@@ -222,15 +268,5 @@ def load_gguf_tokenizer(path: str):
             tok.chat_template = _field(gguf.GGUFReader(path), "tokenizer.chat_template")
         except Exception:  # a missing template is not fatal for plain completion use
             pass
-    # Save into a temp dir next to the target, then rename: readers never see a half-written
-    # cache entry and concurrent writers cannot corrupt each other (the loser just discards).
-    os.makedirs(cache_root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{key}-", dir=cache_root)
-    try:
-        tok.save_pretrained(tmp)
-        os.rename(tmp, cached)
-    except OSError:
-        pass  # another process won the race (or the cache is unwritable): the tokenizer still works
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _write_atomically(cached, root, tok.save_pretrained)
     return tok

@@ -142,7 +142,6 @@ class LlamaForCausalLM(nn.Module):
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
             param, owner = params[target], self.get_submodule(target.rpartition(".")[0])
-            tensor = tensor.to(param.dtype)
             if hasattr(owner, "weight_loader"):      # parallel layers know their shard
                 owner.weight_loader(param, tensor, shard)
             elif param.shape != tensor.shape:

@@ -98,9 +98,9 @@ def _default_dtype(dtype: torch.dtype):
 def load_checkpoint(source: ModelSource) -> tuple[ModelConfig, Iterator, int]:
     """(config, weight iterator, number of tensors) for either format."""
     if source.kind == "gguf":
-        from ember.models.gguf_loader import read_gguf
-        ckpt = read_gguf(source.path)
-        return ModelConfig.from_hf(ckpt.config), ckpt.iter_weights(), getattr(ckpt, "num_tensors", None)
+        from ember.models.gguf_loader import load_gguf_weights_cached
+        config, weights, count = load_gguf_weights_cached(source.path)
+        return ModelConfig.from_hf(config), weights, count
     cfg = ModelConfig.from_hf(read_hf_config(source.path))
     return cfg, iter_safetensors(source.path), None
 

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
+import platform
 import time
 
 import psutil
@@ -36,23 +39,42 @@ def default_kv_cache_bytes(device: torch.device) -> int:
     return int(0.85 * free)
 
 
+def _time_matmuls(a32, b32, rounds: int = 7) -> tuple[float, float]:
+    """Best time of a bf16 and an fp32 matmul, interleaved so that load on the machine hits both."""
+    a16, b16 = a32.bfloat16(), b32.bfloat16()
+    best = [float("inf"), float("inf")]
+    for _ in range(rounds):
+        for i, (a, b) in enumerate(((a16, b16), (a32, b32))):
+            t = time.perf_counter()
+            for _ in range(3):
+                a @ b
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best[0], best[1]
+
+
 @functools.cache
 def _bf16_is_fast_on_cpu() -> bool:
-    """Measured, not guessed from a CPU name: bf16 must beat fp32 on a matmul of model-like shape."""
-    a32, b32 = torch.randn(64, 1024), torch.randn(1024, 1024)
-    a16, b16 = a32.bfloat16(), b32.bfloat16()
-
-    def best(a, b) -> float:
-        a @ b
-        times = []
-        for _ in range(5):
-            t = time.perf_counter()
-            for _ in range(4):
-                a @ b
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    return best(a16, b16) < 0.8 * best(a32, b32)
+    """Measured, not guessed from a CPU name: bf16 must beat fp32 on a matmul of model-like shape.
+    The verdict is cached on disk per CPU and torch version, so every start decides the same."""
+    from ember.config import cache_dir
+    cpu = platform.processor() or platform.machine()
+    key = f"{cpu}|{torch.__version__}|{torch.backends.cpu.get_cpu_capability()}"
+    path = os.path.join(cache_dir(), "bf16_probe.json")
+    try:
+        with open(path) as f:
+            known = json.load(f)
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        t16, t32 = _time_matmuls(torch.randn(64, 1024), torch.randn(1024, 1024))
+        known[key] = t16 < 0.8 * t32
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(known, f)
+        except OSError:
+            pass
+    return bool(known[key])
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
