@@ -19,6 +19,7 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.ref_count = [0] * num_blocks
         self._free: deque[int] = deque(range(num_blocks))
+        self.num_cached_unused = 0          # blocks in the 'cached' state (ref 0, cache-owned)
         # Set by a prefix cache: called with a block whose count dropped to 0; True = cache keeps it.
         self.on_release: Callable[[int], bool] = lambda block: False
 
@@ -36,6 +37,8 @@ class BlockPool:
 
     def retain(self, blocks: list[int]) -> None:
         for b in blocks:
+            if self.ref_count[b] == 0:      # only a cached block can be taken up again at 0
+                self.num_cached_unused -= 1
             self.ref_count[b] += 1
 
     def release(self, blocks: list[int]) -> None:
@@ -43,12 +46,16 @@ class BlockPool:
             self.ref_count[b] -= 1
             if self.ref_count[b] < 0:
                 raise RuntimeError(f"KV block {b} released more often than taken")
-            if self.ref_count[b] == 0 and not self.on_release(b):
-                self._free.append(b)
+            if self.ref_count[b] == 0:
+                if self.on_release(b):
+                    self.num_cached_unused += 1
+                else:
+                    self._free.append(b)
 
     def give_back(self, block: int) -> None:
         """The prefix cache evicted a cached (ref 0) block: it becomes free."""
         assert self.ref_count[block] == 0
+        self.num_cached_unused -= 1
         self._free.append(block)
 
     def free_ids(self) -> set[int]:

@@ -81,7 +81,7 @@ class RadixPrefixCache:
 
     @property
     def num_evictable(self) -> int:
-        return sum(1 for b in self.nodes if self.pool.ref_count[b] == 0)
+        return self.pool.num_cached_unused
 
     def cached_blocks(self) -> set[int]:
         return set(self.nodes)
@@ -119,3 +119,5 @@ class RadixPrefixCache:
                 stack.append(child)
                 seen += 1
         assert seen == len(self.nodes), "nodes unreachable from the root"
+        unused = sum(1 for b in self.nodes if self.pool.ref_count[b] == 0)
+        assert unused == self.pool.num_cached_unused, "cached-unused count out of sync"

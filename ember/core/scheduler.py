@@ -91,7 +91,11 @@ class Scheduler:
             self.kv.reuse_prefix(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.kv.allocate(req, n):
-                return                                # wait for blocks; never preempt for newcomers
+                # wait for blocks (never preempt for newcomers), without holding reused ones:
+                # a waiting request sitting on cache hits can starve the running ones forever
+                self.kv.free(req)
+                req.num_computed_tokens = req.num_cached_tokens = 0
+                return
             self.waiting.remove(req)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
