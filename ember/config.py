@@ -68,7 +68,8 @@ class ModelConfig:
             rope_scaling=rope,
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            attention_bias=hf.get("attention_bias", model_type == "qwen2"),
+            attention_bias=bool(hf["attention_bias"]) if hf.get("attention_bias") is not None
+            else model_type == "qwen2",
             qk_norm=model_type == "qwen3",
             sliding_window=window,
             bos_token_id=hf.get("bos_token_id"),

@@ -38,6 +38,7 @@ class Request:
     num_cached_tokens: int = 0               # prompt tokens reused from other requests' KV
     num_preemptions: int = 0
     stop_reason: int | str | None = None
+    stopped_by_token: bool = False           # ended by EOS or a stop_token_id (its text is dropped)
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(init=False)
 
@@ -69,9 +70,10 @@ class Request:
         sp, last = self.sampling_params, self.output_token_ids[-1]
         if self.num_output_tokens >= sp.min_tokens:
             if not sp.ignore_eos and last in self.eos_token_ids:
+                self.stopped_by_token = True
                 return RequestStatus.FINISHED_STOPPED
             if last in sp.stop_token_ids:
-                self.stop_reason = last
+                self.stop_reason, self.stopped_by_token = last, True
                 return RequestStatus.FINISHED_STOPPED
         if sp.max_tokens is not None and self.num_output_tokens >= sp.max_tokens:
             return RequestStatus.FINISHED_LENGTH

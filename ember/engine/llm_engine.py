@@ -53,13 +53,14 @@ class LLMEngine:
                               num_kv_heads=model_cfg.num_kv_heads, head_dim=model_cfg.head_dim,
                               scale=model_cfg.head_dim ** -0.5,
                               sliding_window=model_cfg.sliding_window)
-        self.model = build_model(model_cfg, weights, total, backend, max_len, device, dtype,
-                                 desc=f"loading {self.source.name}")
         policy = scheduling_policy or ("cache_aware" if enable_prefix_caching else "fcfs")
         cfg = EngineConfig(self.source.name, model_cfg,
                            CacheConfig(block_size, kv_cache_memory, enable_prefix_caching),
                            SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_len, policy),
                            device, dtype, seed)
+        self._check_options(cfg)                    # before the slow part
+        self.model = build_model(model_cfg, weights, total, backend, max_len, device, dtype,
+                                 desc=f"loading {self.source.name}")
         num_blocks = self._num_blocks(cfg)
         if num_blocks * block_size < max_len:
             log.warning("KV cache holds %d tokens < max_model_len %d: capping max_model_len",
@@ -85,6 +86,21 @@ class LLMEngine:
                         f"KV cache {num_blocks * block_size:,} tokens, "
                         f"max_model_len {cfg.scheduler.max_model_len}, "
                         f"loaded in {self.load_time:.1f} s")
+
+    @staticmethod
+    def _check_options(cfg: EngineConfig) -> None:
+        sched, cache = cfg.scheduler, cfg.cache
+        for name, value in (("max_num_seqs", sched.max_num_seqs), ("block_size", cache.block_size),
+                            ("max_num_batched_tokens", sched.max_num_batched_tokens),
+                            ("max_model_len", sched.max_model_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if sched.policy not in ("fcfs", "cache_aware"):
+            raise ValueError(f"scheduling_policy must be 'fcfs' or 'cache_aware', got {sched.policy!r}")
+        budget = cache.kv_cache_memory
+        if isinstance(budget, int) and budget < kv_bytes_per_block(cfg):
+            raise ValueError(f"kv_cache_memory={budget} is less than one KV block "
+                             f"({kv_bytes_per_block(cfg)} bytes)")
 
     @staticmethod
     def _num_blocks(cfg: EngineConfig) -> int:

@@ -38,8 +38,7 @@ class SequenceState:
             entry[lp.token_id] = Logprob(lp.logprob, lp.rank, strings[0])
             self.logprobs = (self.logprobs or []) + [entry]
             self.cumulative_logprob = (self.cumulative_logprob or 0.0) + lp.logprob
-        stopped_by_token = req.status.finished and req.stop_reason == token
-        if stopped_by_token and not sp.include_stop_str_in_output:
+        if req.stopped_by_token and not sp.include_stop_str_in_output:
             return None
         delta = self.detok.add(token)
         if not delta or not sp.stop:

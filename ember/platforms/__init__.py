@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import mmap
 import os
 import platform
 import time
@@ -29,6 +31,17 @@ def available_memory(device: torch.device) -> int:
         return psutil.virtual_memory().available
     free, _total = torch.accelerator.get_memory_info(device)
     return free
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled tensor. On the CPU it is backed by an anonymous mapping, which the kernel
+    zero-fills page by page on first touch: a 4 GiB KV cache costs neither seconds of memset at
+    start-up nor resident memory until it is used."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    buf = mmap.mmap(-1, max(nbytes, 1))
+    return torch.frombuffer(buf, dtype=dtype, count=math.prod(shape)).view(shape)
 
 
 def default_kv_cache_bytes(device: torch.device) -> int:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ember import platforms
 from ember.attention import AttentionBackend, BatchLayout
 from ember.config import EngineConfig
 from ember.core.kv_cache_manager import KVCacheManager
@@ -44,7 +45,9 @@ class ModelRunner:
         self.cfg, self.model, self.backend = cfg, model, backend
         self.device = cfg.device
         shape = backend.kv_cache_shape(num_blocks, cfg.cache.block_size)
-        self.kv_caches = [torch.empty(shape, dtype=cfg.dtype, device=self.device)
+        # Zeroed: slots never written (the tail of a last block, padding) must hold finite values,
+        # since masked attention still multiplies them by probability 0.
+        self.kv_caches = [platforms.zeros(shape, cfg.dtype, self.device)
                           for _ in range(cfg.model_config.num_layers)]
         self.sampler = Sampler(self.device, cfg.seed)
 

@@ -108,6 +108,8 @@ async def _parse(raw: Request, model_cls):
         data = json.loads(await raw.body())
     except ValueError as e:                  # includes bad UTF-8
         raise APIError(400, f"malformed JSON body: {e}") from None
+    except RecursionError:
+        raise APIError(400, "malformed JSON body: nested too deeply") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
     try:

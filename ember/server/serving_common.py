@@ -17,12 +17,14 @@ from ember.engine.async_engine import AsyncLLMEngine, EngineError, EngineStopped
 from ember.outputs import RequestOutput
 from ember.sampling_params import SamplingParams
 from ember.server.metrics import RequestTimer, ServerMetrics
+from ember.server.protocol import ChatCompletionRequest, CompletionRequest
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
                 404: "invalid_request_error", 413: "invalid_request_error",
                 503: "server_error", 500: "server_error"}
-# Parameter names that ValueError messages from SamplingParams / the engine start with.
-_PARAMS = {f.name for f in dataclasses.fields(SamplingParams)} | {"prompt", "messages"}
+# Parameter names that ValueError messages (SamplingParams, the engine, protocol) start with.
+_PARAMS = ({f.name for f in dataclasses.fields(SamplingParams)} | set(CompletionRequest.model_fields)
+           | set(ChatCompletionRequest.model_fields))
 # JSON has no -inf; OpenAI-compatible servers clamp impossible tokens' logprobs to this.
 MIN_LOGPROB = -9999.0
 
@@ -116,6 +118,11 @@ class ServingContext:
 
     async def start(self, requests: list[tuple[str, list[int], SamplingParams]]
                     ) -> AsyncIterator[RequestOutput]:
+        num_seqs = sum(sp.n for _, _, sp in requests)
+        if self.max_waiting is not None and num_seqs > self.max_waiting:
+            # one request may not fill more than the whole waiting queue
+            raise APIError(400, f"this request asks for {num_seqs} sequences (prompts × n); the "
+                           f"server takes at most {self.max_waiting} at once", param="n")
         if not self.engine.healthy:
             raise APIError(503, "the engine is not available", headers={"Retry-After": "5"})
         if not admit(self.engine.num_waiting(), self.max_waiting):
