@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import re
 import sys
-from typing import Iterator
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1 << 10, "m": 1e6, "mb": 1e6,
           "mib": 1 << 20, "g": 1e9, "gb": 1e9, "gib": 1 << 30}
@@ -79,25 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def stream_text(engine, prompt, params) -> Iterator[str]:
-    """Text deltas of one request, driving the (synchronous) engine directly."""
-    rid = engine.add_request(prompt, params)
-    sent = 0
-    try:
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.request_id == rid:
-                    text = out.outputs[0].text
-                    yield text[sent:]
-                    sent = len(text)
-    finally:
-        engine.abort_request(rid)            # no-op once finished; frees it on Ctrl-C
+async def print_stream(engine, prompt, params) -> str:
+    """Print one request's text as it streams; returns the whole text."""
+    import uuid
+    text = ""
+    async for out in engine.generate(prompt, params, uuid.uuid4().hex):
+        new = out.outputs[0].text
+        print(new[len(text):], end="", flush=True)
+        text = new
+    return text
 
 
 def _load_engine(model: str | None, **options):
-    from ember.engine.llm_engine import LLMEngine
-    engine = LLMEngine(model, **options)
-    print(engine.summary, file=sys.stderr, flush=True)
+    # The async engine steps in its own thread, as under `serve`: one code path for all
+    # commands (and torch's OpenMP pool behaves better there than in the main thread).
+    from ember.engine.async_engine import AsyncLLMEngine
+    engine = AsyncLLMEngine.from_options(model, **options)
+    print(engine.engine.summary, file=sys.stderr, flush=True)
     return engine
 
 
@@ -122,9 +120,11 @@ def cmd_generate(args) -> int:
     engine = _load_engine(args.model, dtype=args.dtype)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             seed=args.seed)
-    for delta in stream_text(engine, args.prompt, params):
-        print(delta, end="", flush=True)
-    print()
+    try:
+        asyncio.run(print_stream(engine, args.prompt, params))
+        print()
+    finally:
+        engine.shutdown()
     return 0
 
 
@@ -134,31 +134,40 @@ def cmd_chat(args) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
     history = [{"role": "system", "content": args.system}] if args.system else []
     print("chat with the model; /exit or Ctrl-D quits", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            print()
-            return 0
-        if line.strip() in ("/exit", "/quit"):
-            return 0
-        if not line.strip():
-            continue
-        history.append({"role": "user", "content": line})
-        ids = engine.tokenizer.apply_chat_template(history, True)
-        reply = []
-        try:
-            for delta in stream_text(engine, {"prompt_token_ids": ids}, params):
-                reply.append(delta)
-                print(delta, end="", flush=True)
-        except KeyboardInterrupt:            # stop this answer, keep the conversation
-            print(" [interrupted]", end="")
-        except ValueError as e:              # e.g. the conversation outgrew the context
-            print(f"error: {e}", file=sys.stderr)
-            history.pop()
-            continue
+    try:
+        while _chat_turn(engine, history, params):
+            pass
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def _chat_turn(engine, history: list[dict], params) -> bool:
+    """One exchange; False when the user is done."""
+    try:
+        line = input("> ")
+    except EOFError:
         print()
-        history.append({"role": "assistant", "content": "".join(reply)})
+        return False
+    if line.strip() in ("/exit", "/quit"):
+        return False
+    if not line.strip():
+        return True
+    history.append({"role": "user", "content": line})
+    try:
+        ids = engine.engine.tokenizer.apply_chat_template(history, True)
+        reply = asyncio.run(print_stream(engine, {"prompt_token_ids": ids}, params))
+    except KeyboardInterrupt:                # stop this answer, keep the conversation
+        print(" [interrupted]")
+        history.pop()
+        return True
+    except ValueError as e:                  # e.g. the conversation outgrew the context
+        print(f"error: {e}", file=sys.stderr)
+        history.pop()
+        return True
+    print()
+    history.append({"role": "assistant", "content": reply})
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,8 +94,8 @@ class ChatServing:
                     i = c.index
                     text = c.text[sent_text[i]:]
                     new_tokens = len(c.token_ids) > sent_tokens[i]
-                    if not (text or c.finished or (req.logprobs and new_tokens)):
-                        continue
+                    if not (text or new_tokens or c.finished):
+                        continue             # as in completions: one chunk per new token(s)
                     logprobs = self._logprobs(req, c, sent_tokens[i])
                     sent_text[i], sent_tokens[i] = len(c.text), len(c.token_ids)
                     yield chunk(i, {"content": text} if text else {}, logprobs,

@@ -54,7 +54,8 @@ def admit(num_waiting: int, max_waiting: int | None) -> bool:
 
 
 def sse(obj) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
+    # ASCII-only JSON: U+2028, U+0085 and friends would split the event in line-based clients.
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
 def clamp(logprob: float) -> float:

@@ -120,8 +120,10 @@ class CompletionServing:
         if not done.started and req.echo:
             text = prompt.text + text
             done.offset = len(prompt.text)
-        if not (text or c.finished or (req.logprobs is not None and new_ids)):
-            return None                      # e.g. text held back while a stop string may start
+        if not (text or new_ids or c.finished):
+            return None
+        # A token without text (a special token, half a character, text held back while a stop
+        # string may be starting) still gets its chunk: clients count tokens by chunks.
         logprobs = None
         if req.logprobs is not None:
             logprobs = completion_logprobs((c.logprobs or [])[done.tokens:], new_ids, done.offset)
