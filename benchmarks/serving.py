@@ -112,6 +112,7 @@ def main() -> None:
     args.tokenizer = os.path.join(args.shared, "models", "smollm2-135m-instruct-tokenizer")
     spec = importlib.util.spec_from_file_location("loadgen", args.loadgen)
     loadgen = importlib.util.module_from_spec(spec)
+    sys.modules["loadgen"] = loadgen              # its dataclasses look their module up
     spec.loader.exec_module(loadgen)
     server = run_server(args)
     offline = run_offline(args, loadgen)

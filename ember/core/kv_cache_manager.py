@@ -47,7 +47,9 @@ class KVCacheManager:
         blocks: list[int] = []
         parent = req.parent
         if parent is not None and parent.request_id in self.tables:
-            n_full = min(parent.num_computed_tokens, limit) // self.block_size
+            # Only the prompt is common to both: past it (a resumed child has outputs of its
+            # own) the parent's blocks hold the parent's tokens.
+            n_full = min(parent.num_computed_tokens, req.num_prompt_tokens, limit) // self.block_size
             blocks = self.tables[parent.request_id][:n_full]
         if self.prefix_cache is not None:
             cached = self.prefix_cache.match(req.all_token_ids[:limit])
