@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
-from ember.engine.llm_engine import LLMEngine
+from ember.engine.llm_engine import EngineStats, LLMEngine
 from ember.outputs import RequestOutput
 from ember.sampling_params import SamplingParams
 
@@ -37,14 +38,10 @@ class EngineSnapshot:
     num_running: int = 0
     num_waiting: int = 0
     kv_cache_usage: float = 0.0
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    cached_prompt_tokens: int = 0
     prefix_cache_hits: int = 0        # tokens
     prefix_cache_queries: int = 0     # tokens
-    finished_requests: int = 0
-    preemptions: int = 0
     step_errors: int = 0
+    stats: EngineStats = field(default_factory=EngineStats)   # a copy of the engine's counters
 
 
 class _Stream:
@@ -241,15 +238,13 @@ class AsyncLLMEngine:
 
     def _publish(self, applied_waiting: int) -> None:
         eng = self.engine
-        pc, st = eng.kv.prefix_cache, eng.stats
+        pc = eng.kv.prefix_cache
         snap = EngineSnapshot(
             num_running=len(eng.scheduler.running), num_waiting=len(eng.scheduler.waiting),
-            kv_cache_usage=eng.kv.usage, prompt_tokens=st.prompt_tokens,
-            generation_tokens=st.generation_tokens, cached_prompt_tokens=st.cached_prompt_tokens,
+            kv_cache_usage=eng.kv.usage,
             prefix_cache_hits=pc.hit_tokens if pc else 0,
             prefix_cache_queries=pc.queried_tokens if pc else 0,
-            finished_requests=st.finished_requests, preemptions=st.preemptions,
-            step_errors=self._step_errors)
+            step_errors=self._step_errors, stats=dataclasses.replace(eng.stats))
         with self._cv:
             self.snapshot = snap
             self._pending_waiting -= applied_waiting

@@ -36,7 +36,9 @@ class SequenceState:
                 strings)}
             # the chosen token keeps its own rank even when it is also among the top-k
             entry[lp.token_id] = Logprob(lp.logprob, lp.rank, strings[0])
-            self.logprobs = (self.logprobs or []) + [entry]
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.append(entry)
             self.cumulative_logprob = (self.cumulative_logprob or 0.0) + lp.logprob
         if req.stopped_by_token and not sp.include_stop_str_in_output:
             return None

@@ -44,13 +44,16 @@ class _EngineCollector:
         yield self._family(g, "ember:engine_healthy", "1 while the engine serves requests.",
                            int(self.engine.healthy))
         # CounterMetricFamily appends the _total suffix itself.
-        yield self._family(c, "ember:prompt_tokens", "Prefill tokens processed.", s.prompt_tokens)
-        yield self._family(c, "ember:generation_tokens", "Tokens generated.", s.generation_tokens)
+        yield self._family(c, "ember:prompt_tokens", "Prefill tokens processed.",
+                           s.stats.prompt_tokens)
+        yield self._family(c, "ember:generation_tokens", "Tokens generated.",
+                           s.stats.generation_tokens)
         yield self._family(c, "ember:prefix_cache_queries",
                            "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries)
         yield self._family(c, "ember:prefix_cache_hits",
                            "Prompt tokens found in the prefix cache.", s.prefix_cache_hits)
-        yield self._family(c, "ember:num_preemptions", "Requests preempted.", s.preemptions)
+        yield self._family(c, "ember:num_preemptions", "Requests preempted.",
+                           s.stats.preemptions)
         yield self._family(c, "ember:engine_step_errors", "Engine steps that raised.",
                            s.step_errors)
 
