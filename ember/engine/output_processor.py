@@ -31,11 +31,10 @@ class SequenceState:
         req, sp = self.request, self.request.sampling_params
         if lp is not None:
             strings = tok.token_strings([lp.token_id] + [t for t, _ in lp.top])
-            entry = {t: Logprob(v, r, s) for (t, v, r), s in zip(
-                [(lp.token_id, lp.logprob, lp.rank)] + [(t, v, i + 1) for i, (t, v) in enumerate(lp.top)],
-                strings)}
-            # the chosen token keeps its own rank even when it is also among the top-k
-            entry[lp.token_id] = Logprob(lp.logprob, lp.rank, strings[0])
+            # the chosen token first, with its own rank even when it is also among the top-k
+            entry = {lp.token_id: Logprob(lp.logprob, lp.rank, strings[0])}
+            for rank, ((t, v), s) in enumerate(zip(lp.top, strings[1:]), 1):
+                entry.setdefault(t, Logprob(v, rank, s))
             if self.logprobs is None:
                 self.logprobs = []
             self.logprobs.append(entry)
