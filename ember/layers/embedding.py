@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ember import kernels
 from ember.distributed import SINGLE, ParallelState
 
 
@@ -36,5 +37,5 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.vocab_size = vocab_size
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        logits = kernels.linear(hidden, self.weight)
         return self.ps.all_gather(logits, dim=-1)[..., :self.vocab_size]

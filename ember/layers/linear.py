@@ -7,9 +7,9 @@ parameter; `weight_loader(param, loaded, shard_id)` writes one of them into its 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ember import kernels
 from ember.distributed import SINGLE, ParallelState
 
 
@@ -35,7 +35,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(_shard(loaded, 0, self.ps))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return kernels.linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -91,7 +91,7 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded if param is self.bias else _shard(loaded, 1, self.ps))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = kernels.linear(x, self.weight)
         y = self.ps.all_reduce(y)
         # The bias is added once, after the reduction.
         return y if self.bias is None else y + self.bias

@@ -10,6 +10,8 @@ import math
 import torch
 from torch import nn
 
+from ember import kernels
+
 
 def _llama3(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
@@ -89,11 +91,5 @@ class RotaryEmbedding(nn.Module):
         self.cos_sin = cos_sin.to(device=device, dtype=torch.float32).to(dtype)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        # positions [T]; q [T, H, D]; k [T, Hkv, D]
-        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)   # [T, 1, D/2] each
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        """positions [T]; q [T, H, D]; k [T, Hkv, D] → rotated (q, k)."""
+        return kernels.rotary(positions, q, k, self.cos_sin)

@@ -1,0 +1,103 @@
+"""Fused ops for the hot path, each with its torch reference beside it.
+
+Layers call these instead of chains of small torch ops. On a CPU where ember's kernels built
+(ember/kernels/cpu), fp32 and bf16 tensors go through one kernel call each; everywhere else (other
+devices, other dtypes, no compiler) the torch code below runs, and it is what tests compare with.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import torch.nn.functional as F
+
+from ember.kernels import cpu
+
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+# Up to this many rows, the bf16 linear kernel (weights streamed once, AVX-512 BF16 dot products)
+# beats oneDNN; above it oneDNN's blocked GEMM wins. Measured with benchmarks/kernels.py.
+LINEAR_KERNEL_MAX_ROWS = 8
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def cpu_kernels(t: torch.Tensor) -> ctypes.CDLL | None:
+    """ember's CPU kernel library when it can serve this tensor, else None."""
+    if t.device.type != "cpu" or t.dtype not in _DTYPES:
+        return None
+    return cpu.library()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] · weight [N, K]ᵀ (+ bias)."""
+    if (x.dim() == 2 and x.shape[0] <= LINEAR_KERNEL_MAX_ROWS and x.dtype == torch.bfloat16
+            and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and x.stride(1) == 1 and weight.is_contiguous() and cpu.has_linear_bf16()):
+        m, k = x.shape
+        n = weight.shape[0]
+        y = torch.empty(m, n, dtype=x.dtype)
+        cpu.library().ember_linear_bf16(x.data_ptr(), x.stride(0), weight.data_ptr(), _ptr(bias),
+                                        y.data_ptr(), n, m, n, k)
+        return y
+    return F.linear(x, weight, bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None):
+    """RMSNorm in fp32, optionally fused with the residual add: returns out, or (out, x + residual)."""
+    lib = cpu_kernels(x)
+    if lib is not None and weight.dtype == x.dtype and x.is_contiguous() and x.shape[-1] % 16 == 0 and (
+            residual is None or (residual.is_contiguous() and residual.dtype == x.dtype)):
+        out = torch.empty_like(x)
+        summed = None if residual is None else torch.empty_like(x)
+        lib.ember_rms_norm(_DTYPES[x.dtype], x.data_ptr(), _ptr(residual), _ptr(summed),
+                           weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1],
+                           x.shape[-1], eps)
+        return out if residual is None else (out, summed)
+    if residual is not None:
+        residual = x + residual
+        x = residual
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * h.to(dtype)
+    return out if residual is None else (out, residual)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2I] → silu(gate) · up [T, I]."""
+    lib = cpu_kernels(gate_up)
+    inter = gate_up.shape[-1] // 2
+    if lib is not None and gate_up.is_contiguous() and inter % 16 == 0:
+        out = gate_up.new_empty(gate_up.shape[:-1] + (inter,))
+        lib.ember_silu_mul(_DTYPES[gate_up.dtype], gate_up.data_ptr(), out.data_ptr(),
+                           gate_up.numel() // gate_up.shape[-1], inter)
+        return out
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor):
+    """Neox-style rotary embedding of q [T, H, D] and k [T, Hkv, D] (views are fine); cos_sin
+    [max_pos, D] is (cos | sin). Returns new tensors."""
+    lib = cpu_kernels(q)
+    d = q.shape[-1]
+    if (lib is not None and d % 32 == 0 and k.dtype == q.dtype == cos_sin.dtype
+            and q.stride(-1) == 1 and k.stride(-1) == 1 and q.stride(1) == d and k.stride(1) == d
+            and cos_sin.is_contiguous() and positions.dtype == torch.int64
+            and positions.is_contiguous()):
+        q_out, k_out = torch.empty(q.shape, dtype=q.dtype), torch.empty(k.shape, dtype=k.dtype)
+        lib.ember_rotary(_DTYPES[q.dtype], q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0),
+                         q_out.data_ptr(), k_out.data_ptr(), positions.data_ptr(),
+                         cos_sin.data_ptr(), q.shape[0], q.shape[1], k.shape[1], d)
+        return q_out, k_out
+    cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)   # [T, 1, D/2] each
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

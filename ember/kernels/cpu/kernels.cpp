@@ -1,0 +1,339 @@
+// ember's CPU kernels: the decode hot path without per-op dispatch or gathered copies.
+//
+// Plain C ABI (called through ctypes), OpenMP for threads. libgomp is the one torch already loaded,
+// so these kernels share torch's thread pool. Every kernel takes a dtype code (0 = fp32, 1 = bf16)
+// and reproduces the roundings of the torch code it replaces: a value is rounded to the model's
+// dtype wherever the torch version materialises a tensor of that dtype.
+//
+//   linear_bf16   y = x·Wᵀ (+ b) for few rows (decode): AVX-512 BF16 dot products, W streamed once
+//   rms_norm      out = w · norm(x + residual), residual updated in place (fused add)
+//   rotary        neox-style rotation of q and k, cos|sin table indexed by position
+//   silu_mul      out = silu(gate) · up
+//   kv_write      new keys/values into their slots of the paged cache
+//   paged_decode  one query per sequence against its blocks, online softmax, GQA groups together
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <algorithm>
+#include <immintrin.h>
+
+#if !defined(__AVX512F__) || !defined(__AVX512BW__)
+#error "ember's CPU kernels need AVX-512 (F and BW); the torch paths serve other CPUs"
+#endif
+
+typedef uint16_t bf16;
+
+static inline float bf16_to_f32(bf16 v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline bf16 f32_to_bf16(float f) {   // round to nearest even, NaN kept quiet
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16)(u >> 16);
+}
+
+template <typename T> static inline float load(const T* p, int64_t i);
+template <> inline float load<float>(const float* p, int64_t i) { return p[i]; }
+template <> inline float load<bf16>(const bf16* p, int64_t i) { return bf16_to_f32(p[i]); }
+
+template <typename T> static inline void store(T* p, int64_t i, float v);
+template <> inline void store<float>(float* p, int64_t i, float v) { p[i] = v; }
+template <> inline void store<bf16>(bf16* p, int64_t i, float v) { p[i] = f32_to_bf16(v); }
+
+// a value as the torch code would hold it: rounded to T
+template <typename T> static inline float round_to(float v);
+template <> inline float round_to<float>(float v) { return v; }
+template <> inline float round_to<bf16>(float v) { return bf16_to_f32(f32_to_bf16(v)); }
+
+// ---------------------------------------------------------------------------------------------
+// linear_bf16: y[M, N] = x[M, K] · W[N, K]ᵀ + b. Threads split N; each takes 4 weight rows at a
+// time, keeps them in registers for every row of x, so W is read from memory exactly once.
+#if defined(__AVX512BF16__)
+static inline __m512bh load_bh(const bf16* p, __mmask32 m) {
+    return (__m512bh)_mm512_maskz_loadu_epi16(m, p);
+}
+
+static void linear_tile(const bf16* x, int64_t ldx, const bf16* w, int64_t K, int64_t rows,
+                        int64_t m0, int64_t mc, float out[4][4]) {
+    __m512 acc[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int r = 0; r < 4; r++) acc[i][r] = _mm512_setzero_ps();
+    // the next tile (4 rows, contiguous) is fetched while this one is computed: one cache line of it
+    // per row and step covers 4·K·2 bytes over K/32 steps
+    const char* next = (const char*)(w + 4 * K);
+    for (int64_t k = 0; k < K; k += 32) {
+        __mmask32 m = K - k >= 32 ? 0xffffffffu : ((1u << (K - k)) - 1);
+        for (int r = 0; r < 4; r++) _mm_prefetch(next + (r * K + k) * 2, _MM_HINT_T0);
+        __m512bh wr[4];
+        for (int r = 0; r < 4; r++)
+            wr[r] = r < rows ? load_bh(w + r * K + k, m) : (__m512bh)_mm512_setzero_si512();
+        for (int i = 0; i < mc; i++) {
+            __m512bh xv = load_bh(x + (m0 + i) * ldx + k, m);
+            for (int r = 0; r < 4; r++) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], xv, wr[r]);
+        }
+    }
+    for (int i = 0; i < mc; i++)
+        for (int r = 0; r < 4; r++) out[i][r] = _mm512_reduce_add_ps(acc[i][r]);
+}
+#endif
+
+extern "C" int ember_has_linear_bf16() {
+#if defined(__AVX512BF16__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+extern "C" void ember_linear_bf16(const bf16* x, int64_t ldx, const bf16* w, const bf16* bias,
+                                  bf16* y, int64_t ldy, int64_t M, int64_t N, int64_t K) {
+#if defined(__AVX512BF16__)
+    const int64_t tiles = (N + 3) / 4;
+    #pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        const int64_t n = t * 4, rows = std::min<int64_t>(4, N - n);
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int64_t mc = std::min<int64_t>(4, M - m0);
+            float out[4][4];
+            linear_tile(x, ldx, w + n * K, K, rows, m0, mc, out);
+            for (int i = 0; i < mc; i++)
+                for (int r = 0; r < rows; r++) {
+                    float v = out[i][r];
+                    if (bias) v += bf16_to_f32(bias[n + r]);
+                    y[(m0 + i) * ldy + n + r] = f32_to_bf16(v);
+                }
+        }
+    }
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// 16 lanes at a time. load16/store16 convert to and from fp32; vround<T> rounds like a T tensor.
+static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16(const bf16* p) {
+    __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+static inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+static inline void store16(bf16* p, __m512 v) {   // round to nearest even
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+}
+template <typename T> static inline __m512 vround(__m512 v) {
+    if constexpr (sizeof(T) == 4) return v;
+    T tmp[16];
+    store16(tmp, v);
+    return load16(tmp);
+}
+
+// e^x: 2^(x·log2 e) = 2^n · 2^f with |f| ≤ 1/2, 2^f by its Taylor series to degree 7
+// (relative error < 2e-7), 2^n applied by scalef. Underflows to 0, never NaN for finite x.
+static inline __m512 exp16(__m512 x) {
+    const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)),
+                                   _mm512_set1_ps(1.44269504f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718f));
+    const float c[] = {1.f / 5040, 1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
+    __m512 p = _mm512_set1_ps(c[0]);
+    for (int i = 1; i < 8; i++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[i]));
+    return _mm512_scalef_ps(p, n);
+}
+
+// ---------------------------------------------------------------------------------------------
+// rms_norm, as RMSNorm does it in fp32: r = T(x + residual); out = w · T(r · rsqrt(mean(r²) + eps)).
+// With a residual, the sum r goes to residual_out (the next layer's residual).
+template <typename T>
+static void rms_norm_impl(const T* x, const T* residual, T* residual_out, const T* w, T* out,
+                          int64_t rows, int64_t D, float eps) {
+    #pragma omp parallel for schedule(static) if (rows > 8)
+    for (int64_t t = 0; t < rows; t++) {
+        const T* src = x + t * D;
+        __m512 ss = _mm512_setzero_ps();
+        for (int64_t i = 0; i < D; i += 16) {
+            __m512 v = load16(src + i);
+            if (residual) {
+                v = vround<T>(_mm512_add_ps(v, load16(residual + t * D + i)));
+                store16(residual_out + t * D + i, v);
+            }
+            ss = _mm512_fmadd_ps(v, v, ss);
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / D + eps));
+        if (residual) src = residual_out + t * D;
+        for (int64_t i = 0; i < D; i += 16)
+            store16(out + t * D + i,
+                    _mm512_mul_ps(load16(w + i), vround<T>(_mm512_mul_ps(load16(src + i), inv))));
+    }
+}
+
+extern "C" void ember_rms_norm(int dtype, const void* x, const void* residual, void* residual_out,
+                               const void* w, void* out, int64_t rows, int64_t D, float eps) {
+    if (dtype == 1)
+        rms_norm_impl((const bf16*)x, (const bf16*)residual, (bf16*)residual_out, (const bf16*)w,
+                      (bf16*)out, rows, D, eps);
+    else
+        rms_norm_impl((const float*)x, (const float*)residual, (float*)residual_out,
+                      (const float*)w, (float*)out, rows, D, eps);
+}
+
+// ---------------------------------------------------------------------------------------------
+// rotary, neox style: x = (x1, x2) → (x1·cos − x2·sin, x2·cos + x1·sin), each product and sum
+// rounded to T as the torch version does. cos_sin [max_pos, D] holds (cos | sin). q, k are read
+// with row strides ldq, ldk (views of the qkv projection); the results are contiguous.
+template <typename T>
+static void rotary_impl(const T* q, int64_t ldq, const T* k, int64_t ldk, T* q_out, T* k_out,
+                        const int64_t* pos, const T* cos_sin, int64_t rows, int64_t hq,
+                        int64_t hk, int64_t D) {
+    const int64_t half = D / 2;
+    #pragma omp parallel for schedule(static) if (rows > 8)
+    for (int64_t t = 0; t < rows; t++) {
+        const T* cs = cos_sin + pos[t] * D;
+        for (int64_t h = 0; h < hq + hk; h++) {
+            const T* x = h < hq ? q + t * ldq + h * D : k + t * ldk + (h - hq) * D;
+            T* y = h < hq ? q_out + (t * hq + h) * D : k_out + (t * hk + h - hq) * D;
+            for (int64_t i = 0; i < half; i += 16) {
+                __m512 x1 = load16(x + i), x2 = load16(x + half + i);
+                __m512 c = load16(cs + i), s = load16(cs + half + i);
+                store16(y + i, vround<T>(_mm512_sub_ps(vround<T>(_mm512_mul_ps(x1, c)),
+                                                       vround<T>(_mm512_mul_ps(x2, s)))));
+                store16(y + half + i, vround<T>(_mm512_add_ps(vround<T>(_mm512_mul_ps(x2, c)),
+                                                              vround<T>(_mm512_mul_ps(x1, s)))));
+            }
+        }
+    }
+}
+
+extern "C" void ember_rotary(int dtype, const void* q, int64_t ldq, const void* k, int64_t ldk,
+                             void* q_out, void* k_out, const int64_t* pos, const void* cos_sin,
+                             int64_t rows, int64_t hq, int64_t hk, int64_t D) {
+    if (dtype == 1)
+        rotary_impl((const bf16*)q, ldq, (const bf16*)k, ldk, (bf16*)q_out, (bf16*)k_out, pos,
+                    (const bf16*)cos_sin, rows, hq, hk, D);
+    else
+        rotary_impl((const float*)q, ldq, (const float*)k, ldk, (float*)q_out, (float*)k_out, pos,
+                    (const float*)cos_sin, rows, hq, hk, D);
+}
+
+// ---------------------------------------------------------------------------------------------
+// silu_mul: gate_up [rows, 2I] → out [rows, I] = T(T(silu(gate)) · up)
+template <typename T>
+static void silu_mul_impl(const T* gate_up, T* out, int64_t rows, int64_t I) {
+    #pragma omp parallel for schedule(static) if (rows > 4)
+    for (int64_t t = 0; t < rows; t++) {
+        const T* g = gate_up + t * 2 * I;
+        for (int64_t i = 0; i < I; i += 16) {
+            __m512 x = load16(g + i);
+            __m512 silu = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f),
+                                                         exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+            store16(out + t * I + i, _mm512_mul_ps(vround<T>(silu), load16(g + I + i)));
+        }
+    }
+}
+
+extern "C" void ember_silu_mul(int dtype, const void* gate_up, void* out, int64_t rows, int64_t I) {
+    if (dtype == 1) silu_mul_impl((const bf16*)gate_up, (bf16*)out, rows, I);
+    else silu_mul_impl((const float*)gate_up, (float*)out, rows, I);
+}
+
+// ---------------------------------------------------------------------------------------------
+// kv_write: token t's keys/values (rows of k and v, stride ldk/ldv) into slot slot_mapping[t] of a
+// cache laid out [2, Hkv, num_blocks * block_size, D] (the torch backend's head-major layout).
+extern "C" void ember_kv_write(int64_t elem, const void* k, int64_t ldk, const void* v, int64_t ldv,
+                               void* cache, const int64_t* slots, int64_t rows, int64_t hk,
+                               int64_t num_slots, int64_t D) {
+    char* c = (char*)cache;
+    const int64_t row = D * elem, plane = hk * num_slots * row;
+    for (int64_t t = 0; t < rows; t++)
+        for (int64_t h = 0; h < hk; h++) {
+            const int64_t off = (h * num_slots + slots[t]) * row;
+            std::memcpy(c + off, (const char*)k + (t * ldk + h * D) * elem, row);
+            std::memcpy(c + plane + off, (const char*)v + (t * ldv + h * D) * elem, row);
+        }
+}
+
+// ---------------------------------------------------------------------------------------------
+// paged_decode: one query per sequence. For each (sequence, KV head) the G query heads of that
+// group walk the sequence's blocks together: scores for a block's keys, an online softmax (running
+// max and sum, rescaled per block) and the value sum, all in fp32, read straight from the cache.
+template <typename T>
+static void paged_decode_impl(const T* q, int64_t ldq, const T* cache, const int32_t* tables,
+                              int64_t max_blocks, const int32_t* ctx_lens, T* out, int64_t B,
+                              int64_t H, int64_t HK, int64_t num_blocks, int64_t bs, int64_t D,
+                              float scale, int64_t window) {
+    const int64_t G = H / HK, nv = D / 16;
+    const int64_t plane = HK * num_blocks * bs * D;
+    #pragma omp parallel for collapse(2) schedule(dynamic, 1)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < HK; h++) {
+            const int64_t ctx = ctx_lens[b];
+            const int64_t start = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
+            __m512 qv[8][16], acc[8][16];     // G ≤ 8 heads per group, D ≤ 256
+            float m[8], l[8];
+            for (int64_t g = 0; g < G; g++) {
+                const T* qp = q + b * ldq + (h * G + g) * D;
+                for (int64_t i = 0; i < nv; i++) {
+                    qv[g][i] = _mm512_mul_ps(load16(qp + 16 * i), _mm512_set1_ps(scale));
+                    acc[g][i] = _mm512_setzero_ps();
+                }
+                m[g] = -INFINITY;
+                l[g] = 0.f;
+            }
+            for (int64_t blk = start / bs; blk * bs < ctx; blk++) {
+                const int64_t j0 = std::max(start, blk * bs), j1 = std::min(ctx, (blk + 1) * bs);
+                const int64_t base = ((h * num_blocks + tables[b * max_blocks + blk]) * bs) * D;
+                const T* kb = cache + base - blk * bs * D;       // kb + j * D is key j
+                const T* vb = cache + plane + base - blk * bs * D;
+                for (int64_t g = 0; g < G; g++) {
+                    alignas(64) float s[16];
+                    for (int64_t j = 0; j < 16; j++) s[j] = -INFINITY;
+                    for (int64_t j = j0; j < j1; j++) {
+                        __m512 d = _mm512_mul_ps(qv[g][0], load16(kb + j * D));
+                        for (int64_t i = 1; i < nv; i++)
+                            d = _mm512_fmadd_ps(qv[g][i], load16(kb + j * D + 16 * i), d);
+                        s[j - j0] = _mm512_reduce_add_ps(d);
+                    }
+                    __m512 sv = _mm512_load_ps(s);
+                    const float mx = std::max(m[g], _mm512_reduce_max_ps(sv));
+                    const float corr = std::exp(m[g] - mx);
+                    __m512 p = exp16(_mm512_sub_ps(sv, _mm512_set1_ps(mx)));
+                    p = _mm512_maskz_mov_ps((__mmask16)((1u << (j1 - j0)) - 1), p);
+                    l[g] = l[g] * corr + _mm512_reduce_add_ps(p);
+                    m[g] = mx;
+                    alignas(64) float pj[16];
+                    _mm512_store_ps(pj, p);
+                    const __m512 cv = _mm512_set1_ps(corr);
+                    for (int64_t i = 0; i < nv; i++) acc[g][i] = _mm512_mul_ps(acc[g][i], cv);
+                    for (int64_t j = j0; j < j1; j++) {
+                        const __m512 pv = _mm512_set1_ps(pj[j - j0]);
+                        for (int64_t i = 0; i < nv; i++)
+                            acc[g][i] = _mm512_fmadd_ps(pv, load16(vb + j * D + 16 * i), acc[g][i]);
+                    }
+                }
+            }
+            for (int64_t g = 0; g < G; g++) {
+                const __m512 inv = _mm512_set1_ps(1.f / l[g]);
+                T* op = out + (b * H + h * G + g) * D;
+                for (int64_t i = 0; i < nv; i++) store16(op + 16 * i, _mm512_mul_ps(acc[g][i], inv));
+            }
+        }
+}
+
+extern "C" void ember_paged_decode(int dtype, const void* q, int64_t ldq, const void* cache,
+                                   const int32_t* tables, int64_t max_blocks,
+                                   const int32_t* ctx_lens, void* out, int64_t B, int64_t H,
+                                   int64_t HK, int64_t num_blocks, int64_t bs, int64_t D,
+                                   float scale, int64_t window) {
+    if (dtype == 1)
+        paged_decode_impl((const bf16*)q, ldq, (const bf16*)cache, tables, max_blocks, ctx_lens,
+                          (bf16*)out, B, H, HK, num_blocks, bs, D, scale, window);
+    else
+        paged_decode_impl((const float*)q, ldq, (const float*)cache, tables, max_blocks, ctx_lens,
+                          (float*)out, B, H, HK, num_blocks, bs, D, scale, window);
+}

@@ -1,0 +1,109 @@
+"""ember's CPU kernels (ember/kernels/cpu) against the torch code they replace, and the bf16
+linear kernel against an fp32 matmul. Paged decode attention is checked with the other attention
+backends in test_layers.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ember import kernels
+from ember.kernels import cpu
+
+pytestmark = pytest.mark.skipif(cpu.library() is None,
+                                reason="ember's CPU kernels need AVX-512 and a C++ compiler")
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture
+def torch_only(monkeypatch):
+    """Run a kernels.* function on its torch path."""
+    def run(fn, *args, **kw):
+        with monkeypatch.context() as m:
+            m.setattr(cpu, "library", lambda: None)
+            m.setattr(cpu, "has_linear_bf16", lambda: False)
+            return fn(*args, **kw)
+    return run
+
+
+def _exact_or_close(got, want):
+    # bf16 rounds at the same places as the torch code: identical. fp32 may differ in sum order.
+    tol = 0 if got.dtype == torch.bfloat16 else 2e-6
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_matches_torch(dtype, torch_only):
+    g = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(11, 576, generator=g)).to(dtype)
+    res = torch.randn(11, 576, generator=g).to(dtype)
+    w = (1 + 0.3 * torch.randn(576, generator=g)).to(dtype)
+    _exact_or_close(kernels.rms_norm(x, w, 1e-5), torch_only(kernels.rms_norm, x, w, 1e-5))
+    res_before = res.clone()
+    out, summed = kernels.rms_norm(x, w, 1e-5, res)
+    ref_out, ref_summed = torch_only(kernels.rms_norm, x, w, 1e-5, res)
+    torch.testing.assert_close(summed, ref_summed, rtol=0, atol=0)
+    _exact_or_close(out, ref_out)
+    assert torch.equal(res, res_before)        # the caller's residual is not overwritten
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_matches_torch(dtype, torch_only):
+    g = torch.Generator().manual_seed(1)
+    gate_up = (4 * torch.randn(9, 2 * 1536, generator=g)).to(dtype)
+    gate_up[0, :4] = torch.tensor([-120.0, 90.0, 0.0, -0.0])     # exp under- and overflow sides
+    _exact_or_close(kernels.silu_and_mul(gate_up), torch_only(kernels.silu_and_mul, gate_up))
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_matches_torch_on_qkv_views(dtype, head_dim, torch_only):
+    g = torch.Generator().manual_seed(2)
+    t, hq, hk = 7, 6, 2
+    qkv = torch.randn(t, (hq + 2 * hk) * head_dim, generator=g).to(dtype)
+    q = qkv[:, :hq * head_dim].view(t, hq, head_dim)
+    k = qkv[:, hq * head_dim:(hq + hk) * head_dim].view(t, hk, head_dim)
+    cos_sin = torch.randn(50, head_dim, generator=g).to(dtype)
+    pos = torch.tensor([0, 49, 3, 3, 17, 8, 1])
+    before = qkv.clone()
+    got_q, got_k = kernels.rotary(pos, q, k, cos_sin)
+    ref_q, ref_k = torch_only(kernels.rotary, pos, q, k, cos_sin)
+    _exact_or_close(got_q, ref_q)
+    _exact_or_close(got_k, ref_k)
+    assert torch.equal(qkv, before)            # inputs untouched
+
+
+@pytest.mark.skipif(not cpu.has_linear_bf16(), reason="needs AVX-512 BF16")
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("k,n", [(576, 960), (40, 7), (1536, 13), (96, 4)])
+def test_linear_bf16_matches_fp32_matmul(m, k, n):
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    x_wide = torch.randn(m, k + 8, generator=g).bfloat16()
+    x = x_wide[:, 3:3 + k]                                # a strided view, as after a split
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).bfloat16()
+    bias = torch.randn(n, generator=g).bfloat16()
+    ref = x.float() @ w.float().T + bias.float()
+    got = kernels.linear(x, w, bias)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    # fp32 accumulation, one rounding to bf16 at the end: within one bf16 ulp of the exact value
+    torch.testing.assert_close(got.float(), ref, rtol=2 ** -7, atol=1e-3)
+    # and no further from it than torch's own bf16 linear, give or take one rounding
+    torch_err = (F.linear(x, w, bias).float() - ref).abs().max()
+    assert (got.float() - ref).abs().max() <= 2 * torch_err + 1e-2
+
+
+def test_linear_large_batches_use_torch():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(kernels.LINEAR_KERNEL_MAX_ROWS + 1, 64, generator=g).bfloat16()
+    w = torch.randn(32, 64, generator=g).bfloat16()
+    torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w), rtol=0, atol=0)
+
+
+def test_library_is_cached_on_disk(tmp_path, monkeypatch):
+    """A second process finds the built library instead of compiling again."""
+    import os
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path))
+    path = cpu._build("g++")
+    assert os.path.exists(path) and path.startswith(str(tmp_path))
+    mtime = os.path.getmtime(path)
+    assert cpu._build("g++") == path and os.path.getmtime(path) == mtime
