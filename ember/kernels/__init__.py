@@ -15,11 +15,6 @@ from ember.kernels import cpu
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
-# Up to this many rows, the bf16 linear kernel (weights streamed once, AVX-512 BF16 dot products)
-# beats oneDNN; above it oneDNN's blocked GEMM wins. Measured with benchmarks/kernels.py.
-LINEAR_KERNEL_MAX_ROWS = 8
-
-
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -31,15 +26,29 @@ def cpu_kernels(t: torch.Tensor) -> ctypes.CDLL | None:
     return cpu.library()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] · weight [N, K]ᵀ (+ bias)."""
-    if (x.dim() == 2 and x.shape[0] <= LINEAR_KERNEL_MAX_ROWS and x.dtype == torch.bfloat16
-            and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and x.stride(1) == 1 and weight.is_contiguous() and cpu.has_linear_bf16()):
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """The layout ember's bf16 linear kernel reads ([N/32][K/2][32][2]), or None where that kernel
+    does not serve this weight (other device or dtype, shapes, no AVX-512 BF16). A copy: the
+    caller keeps `weight` for everything else (tied embeddings, weight updates, the torch path)."""
+    n, k = weight.shape
+    if (weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or n % 32 or k % 2
+            or not cpu.has_linear_bf16()):
+        return None
+    packed = torch.empty(n * k, dtype=torch.bfloat16)
+    cpu.library().ember_pack_bf16(weight.contiguous().data_ptr(), packed.data_ptr(), n, k)
+    return packed
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           packed: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] · weight [N, K]ᵀ (+ bias). With `packed` (pack_linear_weight of this weight),
+    ember's kernel runs; otherwise torch's."""
+    if (packed is not None and x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(1) == 1
+            and (bias is None or bias.dtype == torch.bfloat16)):
         m, k = x.shape
         n = weight.shape[0]
         y = torch.empty(m, n, dtype=x.dtype)
-        cpu.library().ember_linear_bf16(x.data_ptr(), x.stride(0), weight.data_ptr(), _ptr(bias),
+        cpu.library().ember_linear_bf16(x.data_ptr(), x.stride(0), packed.data_ptr(), _ptr(bias),
                                         y.data_ptr(), n, m, n, k)
         return y
     return F.linear(x, weight, bias)

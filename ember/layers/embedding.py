@@ -7,6 +7,7 @@ from torch import nn
 
 from ember import kernels
 from ember.distributed import SINGLE, ParallelState
+from ember.layers.linear import PackedWeight
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -31,11 +32,11 @@ class VocabParallelEmbedding(nn.Module):
         return self.ps.all_reduce(out)
 
 
-class ParallelLMHead(VocabParallelEmbedding):
+class ParallelLMHead(PackedWeight, VocabParallelEmbedding):
     def __init__(self, vocab_size: int, dim: int, ps: ParallelState = SINGLE) -> None:
         super().__init__(vocab_size, dim, ps)
         self.vocab_size = vocab_size
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = kernels.linear(hidden, self.weight)
+        logits = kernels.linear(hidden, self.weight, packed=self.packed)
         return self.ps.all_gather(logits, dim=-1)[..., :self.vocab_size]

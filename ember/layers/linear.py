@@ -13,12 +13,22 @@ from ember import kernels
 from ember.distributed import SINGLE, ParallelState
 
 
+class PackedWeight:
+    """A layer whose weight the CPU linear kernel may read in its own layout. `pack_weight()` runs
+    once the weights are loaded (and again after any weight update); `packed` stays None where the
+    kernel does not serve (other devices and dtypes), and torch's linear runs."""
+    packed: torch.Tensor | None = None
+
+    def pack_weight(self) -> None:
+        self.packed = kernels.pack_linear_weight(self.weight.data)
+
+
 def _shard(t: torch.Tensor, dim: int, ps: ParallelState) -> torch.Tensor:
     size = t.shape[dim] // ps.tp_size
     return t.narrow(dim, ps.tp_rank * size, size)
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(PackedWeight, nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  ps: ParallelState = SINGLE) -> None:
         super().__init__()
@@ -35,7 +45,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(_shard(loaded, 0, self.ps))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.weight, self.bias)
+        return kernels.linear(x, self.weight, self.bias, self.packed)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -73,7 +83,7 @@ class QKVParallelLinear(MergedColumnParallelLinear):
         param.data.narrow(0, start, size).copy_(part)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(PackedWeight, nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  ps: ParallelState = SINGLE) -> None:
         super().__init__()
@@ -91,7 +101,7 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded if param is self.bias else _shard(loaded, 1, self.ps))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = kernels.linear(x, self.weight)
+        y = kernels.linear(x, self.weight, packed=self.packed)
         y = self.ps.all_reduce(y)
         # The bias is added once, after the reduction.
         return y if self.bias is None else y + self.bias

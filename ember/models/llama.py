@@ -16,7 +16,8 @@ from ember.attention import AttentionBackend, AttentionMetadata
 from ember.config import ModelConfig
 from ember.distributed import SINGLE, ParallelState
 from ember.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from ember.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from ember.layers.linear import (MergedColumnParallelLinear, PackedWeight, QKVParallelLinear,
+                                 RowParallelLinear)
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding
 
@@ -125,6 +126,9 @@ class LlamaForCausalLM(nn.Module):
 
     def post_load(self, device: torch.device, dtype: torch.dtype) -> None:
         self.model.rotary.build_cache(device, dtype)
+        for module in self.modules():
+            if isinstance(module, PackedWeight):
+                module.pack_weight()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load checkpoint tensors by name; returns the names of parameters that were filled."""

@@ -74,16 +74,18 @@ def test_rotary_matches_torch_on_qkv_views(dtype, head_dim, torch_only):
 
 
 @pytest.mark.skipif(not cpu.has_linear_bf16(), reason="needs AVX-512 BF16")
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8])
-@pytest.mark.parametrize("k,n", [(576, 960), (40, 7), (1536, 13), (96, 4)])
+@pytest.mark.parametrize("m", [1, 3, 12, 13, 64, 200])
+@pytest.mark.parametrize("k,n", [(576, 960), (40, 32), (1536, 64), (98, 96)])
 def test_linear_bf16_matches_fp32_matmul(m, k, n):
     g = torch.Generator().manual_seed(m * 1000 + n)
     x_wide = torch.randn(m, k + 8, generator=g).bfloat16()
     x = x_wide[:, 3:3 + k]                                # a strided view, as after a split
     w = (torch.randn(n, k, generator=g) / k ** 0.5).bfloat16()
     bias = torch.randn(n, generator=g).bfloat16()
+    packed = kernels.pack_linear_weight(w)
+    assert packed is not None
     ref = x.float() @ w.float().T + bias.float()
-    got = kernels.linear(x, w, bias)
+    got = kernels.linear(x, w, bias, packed)
     assert got.dtype == torch.bfloat16 and got.shape == (m, n)
     # fp32 accumulation, one rounding to bf16 at the end: within one bf16 ulp of the exact value
     torch.testing.assert_close(got.float(), ref, rtol=2 ** -7, atol=1e-3)
@@ -92,11 +94,28 @@ def test_linear_bf16_matches_fp32_matmul(m, k, n):
     assert (got.float() - ref).abs().max() <= 2 * torch_err + 1e-2
 
 
-def test_linear_large_batches_use_torch():
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(kernels.LINEAR_KERNEL_MAX_ROWS + 1, 64, generator=g).bfloat16()
-    w = torch.randn(32, 64, generator=g).bfloat16()
-    torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w), rtol=0, atol=0)
+@pytest.mark.parametrize("shape,dtype", [((33, 64), torch.bfloat16), ((32, 63), torch.bfloat16),
+                                         ((64, 64), torch.float32)])
+def test_weights_the_kernel_cannot_take_stay_on_torch(shape, dtype):
+    w = torch.randn(*shape).to(dtype)
+    assert kernels.pack_linear_weight(w) is None
+    x = torch.randn(5, shape[1]).to(dtype)
+    torch.testing.assert_close(kernels.linear(x, w, None, None), F.linear(x, w), rtol=0, atol=0)
+
+
+def test_model_linears_are_packed_in_bf16_only():
+    from ember.layers.linear import QKVParallelLinear
+    layer = QKVParallelLinear(64, 16, 4, 2)
+    layer.weight.data.normal_()
+    layer.pack_weight()
+    assert layer.packed is None                       # fp32: torch's linear (MKL) serves
+    layer = layer.to(torch.bfloat16)
+    layer.pack_weight()
+    if cpu.has_linear_bf16():
+        assert layer.packed is not None and layer.packed.numel() == layer.weight.numel()
+        x = torch.randn(3, 64).bfloat16()
+        torch.testing.assert_close(layer(x).float(), x.float() @ layer.weight.float().T,
+                                   rtol=2 ** -7, atol=1e-3)
 
 
 def test_library_is_cached_on_disk(tmp_path, monkeypatch):

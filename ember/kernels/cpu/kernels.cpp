@@ -52,68 +52,6 @@ template <> inline float round_to<float>(float v) { return v; }
 template <> inline float round_to<bf16>(float v) { return bf16_to_f32(f32_to_bf16(v)); }
 
 // ---------------------------------------------------------------------------------------------
-// linear_bf16: y[M, N] = x[M, K] · W[N, K]ᵀ + b. Threads split N; each takes 4 weight rows at a
-// time, keeps them in registers for every row of x, so W is read from memory exactly once.
-#if defined(__AVX512BF16__)
-static inline __m512bh load_bh(const bf16* p, __mmask32 m) {
-    return (__m512bh)_mm512_maskz_loadu_epi16(m, p);
-}
-
-static void linear_tile(const bf16* x, int64_t ldx, const bf16* w, int64_t K, int64_t rows,
-                        int64_t m0, int64_t mc, float out[4][4]) {
-    __m512 acc[4][4];
-    for (int i = 0; i < 4; i++)
-        for (int r = 0; r < 4; r++) acc[i][r] = _mm512_setzero_ps();
-    // the next tile (4 rows, contiguous) is fetched while this one is computed: one cache line of it
-    // per row and step covers 4·K·2 bytes over K/32 steps
-    const char* next = (const char*)(w + 4 * K);
-    for (int64_t k = 0; k < K; k += 32) {
-        __mmask32 m = K - k >= 32 ? 0xffffffffu : ((1u << (K - k)) - 1);
-        for (int r = 0; r < 4; r++) _mm_prefetch(next + (r * K + k) * 2, _MM_HINT_T0);
-        __m512bh wr[4];
-        for (int r = 0; r < 4; r++)
-            wr[r] = r < rows ? load_bh(w + r * K + k, m) : (__m512bh)_mm512_setzero_si512();
-        for (int i = 0; i < mc; i++) {
-            __m512bh xv = load_bh(x + (m0 + i) * ldx + k, m);
-            for (int r = 0; r < 4; r++) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], xv, wr[r]);
-        }
-    }
-    for (int i = 0; i < mc; i++)
-        for (int r = 0; r < 4; r++) out[i][r] = _mm512_reduce_add_ps(acc[i][r]);
-}
-#endif
-
-extern "C" int ember_has_linear_bf16() {
-#if defined(__AVX512BF16__)
-    return 1;
-#else
-    return 0;
-#endif
-}
-
-extern "C" void ember_linear_bf16(const bf16* x, int64_t ldx, const bf16* w, const bf16* bias,
-                                  bf16* y, int64_t ldy, int64_t M, int64_t N, int64_t K) {
-#if defined(__AVX512BF16__)
-    const int64_t tiles = (N + 3) / 4;
-    #pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-        const int64_t n = t * 4, rows = std::min<int64_t>(4, N - n);
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            const int64_t mc = std::min<int64_t>(4, M - m0);
-            float out[4][4];
-            linear_tile(x, ldx, w + n * K, K, rows, m0, mc, out);
-            for (int i = 0; i < mc; i++)
-                for (int r = 0; r < rows; r++) {
-                    float v = out[i][r];
-                    if (bias) v += bf16_to_f32(bias[n + r]);
-                    y[(m0 + i) * ldy + n + r] = f32_to_bf16(v);
-                }
-        }
-    }
-#endif
-}
-
-// ---------------------------------------------------------------------------------------------
 // 16 lanes at a time. load16/store16 convert to and from fp32; vround<T> rounds like a T tensor.
 static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 static inline __m512 load16(const bf16* p) {
@@ -132,6 +70,91 @@ template <typename T> static inline __m512 vround(__m512 v) {
     T tmp[16];
     store16(tmp, v);
     return load16(tmp);
+}
+
+// ---------------------------------------------------------------------------------------------
+// linear_bf16: y[M, N] = x[M, K] · W[N, K]ᵀ + b, W packed once at load time (pack_bf16 below) as
+// [N/32][K/2][32][2]: for each pair of inputs, 32 outputs' weights side by side. One AVX-512 BF16
+// dot product then adds x[m, k]·W[n, k] + x[m, k+1]·W[n, k+1] for 16 outputs n at once, with the
+// pair (x[m, k], x[m, k+1]) broadcast. A tile is MR rows of x × 32 outputs (2·MR accumulators in
+// registers); a panel of 32 outputs (K·64 bytes) is read in order, once per MR rows: at decode
+// (M ≤ MR) every weight is read exactly once, as one sequential stream per thread.
+#if defined(__AVX512BF16__)
+constexpr int MR = 12;
+
+template <int R>
+static inline void gemm_tile(const bf16* x, int64_t ldx, const bf16* panel, int64_t K,
+                             const bf16* bias, bf16* y, int64_t ldy) {
+    __m512 acc[R][2];
+    for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int64_t kp = 0; kp < K / 2; kp++) {
+        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(panel + kp * 64);
+        const __m512bh b1 = (__m512bh)_mm512_loadu_si512(panel + kp * 64 + 32);
+        for (int i = 0; i < R; i++) {
+            int32_t pair;
+            std::memcpy(&pair, x + i * ldx + 2 * kp, 4);
+            const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, b0);
+            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, b1);
+        }
+    }
+    const __m512 b_lo = bias ? load16(bias) : _mm512_setzero_ps();
+    const __m512 b_hi = bias ? load16(bias + 16) : _mm512_setzero_ps();
+    for (int i = 0; i < R; i++) {
+        store16(y + i * ldy, _mm512_add_ps(acc[i][0], b_lo));
+        store16(y + i * ldy + 16, _mm512_add_ps(acc[i][1], b_hi));
+    }
+}
+
+static void gemm_rows(const bf16* x, int64_t ldx, int64_t rows, const bf16* panel, int64_t K,
+                      const bf16* bias, bf16* y, int64_t ldy) {
+    int64_t i = 0;
+    for (; i + MR <= rows; i += MR) gemm_tile<MR>(x + i * ldx, ldx, panel, K, bias, y + i * ldy, ldy);
+    x += i * ldx;
+    y += i * ldy;
+    switch (rows - i) {
+#define TAIL(r) case r: gemm_tile<r>(x, ldx, panel, K, bias, y, ldy); break;
+        TAIL(1) TAIL(2) TAIL(3) TAIL(4) TAIL(5) TAIL(6) TAIL(7) TAIL(8) TAIL(9) TAIL(10) TAIL(11)
+#undef TAIL
+    }
+}
+#endif
+
+extern "C" int ember_has_linear_bf16() {
+#if defined(__AVX512BF16__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+// W [N, K] → [N/32][K/2][32][2]; N a multiple of 32, K even
+extern "C" void ember_pack_bf16(const bf16* w, bf16* packed, int64_t N, int64_t K) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t nt = 0; nt < N / 32; nt++)
+        for (int64_t kp = 0; kp < K / 2; kp++)
+            for (int64_t j = 0; j < 32; j++) {
+                bf16* dst = packed + ((nt * (K / 2) + kp) * 32 + j) * 2;
+                dst[0] = w[(nt * 32 + j) * K + 2 * kp];
+                dst[1] = w[(nt * 32 + j) * K + 2 * kp + 1];
+            }
+}
+
+// Rows are cut in blocks of ROW_BLOCK (so that a block of x stays in L2 while the panels stream
+// by); threads share (row block, panel) pairs.
+extern "C" void ember_linear_bf16(const bf16* x, int64_t ldx, const bf16* packed, const bf16* bias,
+                                  bf16* y, int64_t ldy, int64_t M, int64_t N, int64_t K) {
+#if defined(__AVX512BF16__)
+    constexpr int64_t ROW_BLOCK = 16 * MR;
+    const int64_t panels = N / 32, row_blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
+    #pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t rb = 0; rb < row_blocks; rb++)
+        for (int64_t p = 0; p < panels; p++) {
+            const int64_t m0 = rb * ROW_BLOCK, rows = std::min(ROW_BLOCK, M - m0);
+            gemm_rows(x + m0 * ldx, ldx, rows, packed + p * K * 32, K, bias ? bias + p * 32 : nullptr,
+                      y + m0 * ldy + p * 32, ldy);
+        }
+#endif
 }
 
 // e^x: 2^(x·log2 e) = 2^n · 2^f with |f| ≤ 1/2, 2^f by its Taylor series to degree 7
