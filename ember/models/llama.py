@@ -15,6 +15,7 @@ from ember import kernels
 from ember.attention import AttentionBackend, AttentionMetadata
 from ember.config import ModelConfig
 from ember.distributed import SINGLE, ParallelState
+from ember.kernels.cpu.llama_decode import FusedLlamaDecode
 from ember.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from ember.layers.linear import (MergedColumnParallelLinear, PackedWeight, QKVParallelLinear,
                                  RowParallelLinear)
@@ -93,11 +94,16 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.rotary, backend, ps)
                                     for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # all layers of a pure-decode step in one CPU kernel call (set by post_load where it fits)
+        self.fused_decode: FusedLlamaDecode | None = None
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x, residual = layer(positions, x, residual, kv_cache, meta)
+        if self.fused_decode is not None and self.fused_decode.serves(meta, x.shape[0]):
+            residual = self.fused_decode(x, positions, kv_caches, meta)
+        else:
+            for layer, kv_cache in zip(self.layers, kv_caches):
+                x, residual = layer(positions, x, residual, kv_cache, meta)
         x, _ = self.norm(x, residual)
         return x
 
@@ -129,6 +135,7 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, PackedWeight):
                 module.pack_weight()
+        self.model.fused_decode = FusedLlamaDecode.build(self.model)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load checkpoint tensors by name; returns the names of parameters that were filled."""

@@ -360,3 +360,63 @@ extern "C" void ember_paged_decode(int dtype, const void* q, int64_t ldq, const 
         paged_decode_impl((const float*)q, ldq, (const float*)cache, tables, max_blocks, ctx_lens,
                           (float*)out, B, H, HK, num_blocks, bs, D, scale, window);
 }
+
+// ---------------------------------------------------------------------------------------------
+// decode_layers: every decoder layer of a Llama-family model for a batch of decodes (one token per
+// sequence), bf16, in one call: the same steps as LlamaDecoderLayer.forward, through the kernels
+// above, so a decode step costs one call instead of a dozen per layer. x [B, H] holds the
+// embeddings on entry and the last layer's output on return; residual [B, H] the running sum.
+struct LayerWeights {              // filled by ember/kernels/cpu/llama_decode.py
+    const bf16 *input_norm, *post_norm;        // [H]
+    const bf16 *qkv, *qkv_bias;                // packed [Q + 2·KV, H]; bias [Q + 2·KV] or null
+    const bf16 *q_norm, *k_norm;               // [D] or null (Qwen3's per-head norms)
+    const bf16 *o, *gate_up, *down;            // packed [H, Q], [2·I, H], [H, I]
+    bf16* kv_cache;                            // [2, HK, num_blocks, block_size, D]
+};
+
+struct DecodeShape {
+    int64_t hidden, heads, kv_heads, head_dim, inter, num_blocks, block_size, window;
+    float eps, scale;
+};
+
+extern "C" void ember_decode_layers(const LayerWeights* layers, int64_t num_layers,
+                                    const DecodeShape* s, bf16* x, bf16* residual, int64_t B,
+                                    const int64_t* positions, const bf16* cos_sin,
+                                    const int64_t* slots, const int32_t* tables,
+                                    int64_t max_blocks, const int32_t* ctx_lens) {
+    const int64_t H = s->hidden, D = s->head_dim, Q = s->heads * D, KV = s->kv_heads * D;
+    const int64_t QKV = Q + 2 * KV, I = s->inter;
+    bf16 *h = new bf16[B * H], *qkv = new bf16[B * QKV], *q = new bf16[B * Q],
+         *k = new bf16[B * KV], *attn = new bf16[B * Q], *gu = new bf16[B * 2 * I],
+         *act = new bf16[B * I];
+    for (int64_t l = 0; l < num_layers; l++) {
+        const LayerWeights& w = layers[l];
+        if (l == 0) {
+            std::memcpy(residual, x, B * H * sizeof(bf16));
+            rms_norm_impl<bf16>(x, nullptr, nullptr, w.input_norm, h, B, H, s->eps);
+        } else {
+            rms_norm_impl<bf16>(x, residual, residual, w.input_norm, h, B, H, s->eps);
+        }
+        ember_linear_bf16(h, H, w.qkv, w.qkv_bias, qkv, QKV, B, QKV, H);
+        if (w.q_norm) {                // in place, head by head: each head's D values are a row
+            for (int64_t t = 0; t < B; t++) {
+                rms_norm_impl<bf16>(qkv + t * QKV, nullptr, nullptr, w.q_norm, qkv + t * QKV,
+                                    s->heads, D, s->eps);
+                rms_norm_impl<bf16>(qkv + t * QKV + Q, nullptr, nullptr, w.k_norm,
+                                    qkv + t * QKV + Q, s->kv_heads, D, s->eps);
+            }
+        }
+        rotary_impl<bf16>(qkv, QKV, qkv + Q, QKV, q, k, positions, cos_sin, B, s->heads,
+                          s->kv_heads, D);
+        ember_kv_write(sizeof(bf16), k, KV, qkv + Q + KV, QKV, w.kv_cache, slots, B, s->kv_heads,
+                       s->num_blocks * s->block_size, D);
+        paged_decode_impl<bf16>(q, Q, w.kv_cache, tables, max_blocks, ctx_lens, attn, B, s->heads,
+                                s->kv_heads, s->num_blocks, s->block_size, D, s->scale, s->window);
+        ember_linear_bf16(attn, Q, w.o, nullptr, x, H, B, H, Q);
+        rms_norm_impl<bf16>(x, residual, residual, w.post_norm, h, B, H, s->eps);
+        ember_linear_bf16(h, H, w.gate_up, nullptr, gu, 2 * I, B, 2 * I, H);
+        silu_mul_impl<bf16>(gu, act, B, I);
+        ember_linear_bf16(act, I, w.down, nullptr, x, H, B, H, I);
+    }
+    delete[] h; delete[] qkv; delete[] q; delete[] k; delete[] attn; delete[] gu; delete[] act;
+}

@@ -1,0 +1,64 @@
+"""The one-call decode stack (ember/kernels/cpu/llama_decode.py) computes exactly what the
+nn.Modules compute: same greedy tokens, same logprobs, bit for bit, in bf16, for each feature the
+kernel handles (GQA, qkv bias, Qwen3's q/k norms, a sliding window, tied and untied heads)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ember import SamplingParams
+from ember.kernels import cpu
+
+pytestmark = pytest.mark.skipif(not cpu.has_linear_bf16(),
+                                reason="the fused decode needs AVX-512 BF16 and a C++ compiler")
+COMMON = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=49152, max_position_embeddings=512, initializer_range=0.1,
+              bos_token_id=1, eos_token_id=2, pad_token_id=2, rms_norm_eps=1e-6)
+
+
+def _config(case: str):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    return {
+        "llama": lambda: LlamaConfig(num_hidden_layers=2, tie_word_embeddings=True, **COMMON),
+        "qwen2-bias": lambda: Qwen2Config(num_hidden_layers=2, tie_word_embeddings=False, **COMMON),
+        "qwen3-qknorm": lambda: Qwen3Config(num_hidden_layers=2, head_dim=64,
+                                            tie_word_embeddings=True, **COMMON),
+        "mistral-window": lambda: MistralConfig(num_hidden_layers=2, sliding_window=20,
+                                                tie_word_embeddings=False, **COMMON),
+    }[case]()
+
+
+def _generate(llm, prompts):
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+    return [(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in d.items()}
+                                       for d in o.outputs[0].logprobs]) for o in outs]
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen2-bias", "qwen3-qknorm", "mistral-window"])
+def test_fused_decode_equals_modules(case, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from ember import LLM
+    from ember.models.gguf_loader import default_gguf_path, load_gguf_tokenizer
+
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(_config(case), dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.3 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    load_gguf_tokenizer(default_gguf_path()).save_pretrained(tmp_path)
+
+    llm = LLM(str(tmp_path), dtype="bfloat16", enable_prefix_caching=False)
+    model = llm.engine.model.model
+    assert model.fused_decode is not None
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 49152, (n,), generator=g).tolist() for n in (5, 17, 40)]
+    fused = _generate(llm, prompts)
+    model.fused_decode = None
+    modules = _generate(llm, prompts)
+    assert fused == modules
