@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", nargs="?", help="HF folder, repo id or .gguf (default: SmolLM2-135M)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (not on /health, /)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (not on /health, /); "
+                   "default: $EMBER_API_KEY (keeps the key out of the process list)")
     s.add_argument("--served-model-name", help="the model id clients send (default: its name)")
     s.add_argument("--max-waiting", type=int, default=1024,
                    help="answer 503 while this many sequences wait to be scheduled")
@@ -60,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shutdown-timeout", type=float, default=5.0,
                    help="seconds in-flight responses get to finish on SIGTERM")
     s.add_argument("--log-level", default="warning")
+    s.add_argument("--on-engine-failure", choices=("restart", "exit"), default="restart",
+                   help="when the engine thread dies: rebuild its state and serve again "
+                        "(default), or exit with status 3 for a process supervisor to restart")
+    s.add_argument("--max-engine-restarts", type=int, default=5,
+                   help="restarts allowed within 10 minutes before exiting with status 3")
+    s.add_argument("--debug-endpoints", action="store_true",
+                   help="GET /debug/engine: allocator and request bookkeeping (for tests)")
     _add_engine_args(s)
 
     g = sub.add_parser("generate", help="complete one prompt, streaming to stdout")
@@ -100,19 +108,29 @@ def _load_engine(model: str | None, **options):
 
 
 def cmd_serve(args) -> int:
-    from ember.engine.async_engine import AsyncLLMEngine
+    from ember.config import env_str
+    from ember.engine.async_engine import AsyncLLMEngine, FaultInjector
     from ember.engine.llm_engine import LLMEngine
     from ember.server.api_server import serve
     if args.max_waiting is not None and args.max_waiting < 1:
         raise SystemExit("--max-waiting must be at least 1")
+    if args.max_engine_restarts < 0:
+        raise SystemExit("--max-engine-restarts must be at least 0")
+    args.api_key = args.api_key or env_str("EMBER_API_KEY") or None
+    try:
+        faults = FaultInjector.from_env()    # test-only; None unless EMBER_FAULT_INJECT is set
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     engine = LLMEngine(args.model, **_engine_options(args))
     print(engine.summary, flush=True)
-    async_engine = AsyncLLMEngine(engine)
+    if faults is not None:
+        print(f"ember: EMBER_FAULT_INJECT is set: faults will be injected at steps "
+              f"{sorted(faults.plan.items())} (test only)", file=sys.stderr, flush=True)
+    async_engine = AsyncLLMEngine(engine, faults)
     try:
-        serve(async_engine, args)
+        return serve(async_engine, args)
     finally:
         async_engine.shutdown()
-    return 0
 
 
 def cmd_generate(args) -> int:

@@ -103,6 +103,7 @@ class EngineConfig:
     device: torch.device
     dtype: torch.dtype
     seed: int = 0
+    enforce_eager: bool = False      # never replay captured decode graphs (CUDA)
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)

@@ -19,18 +19,21 @@ from ember.attention.torch_ref import TorchAttentionBackend, TorchMetadata
 from ember.kernels import cpu_kernels
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
+_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 256)   # compiled in (kernels.cpp)
+_MAX_BLOCK_SIZE, _MAX_GROUP = 16, 8
 
 
 @dataclass
 class CpuMetadata(TorchMetadata):
     decode_tables: torch.Tensor | None = None    # [num_decodes, max_blocks] int32
     decode_ctx: torch.Tensor | None = None       # [num_decodes] int32
+    kernels_fit: bool = False                    # head size, group size and block size fit
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
-    def _kernels_fit(self) -> bool:
-        g = self.num_heads // self.num_kv_heads
-        return self.head_dim % 16 == 0 and self.head_dim <= 256 and g <= 8
+    def kernels_fit(self, block_size: int) -> bool:
+        return (self.head_dim in _HEAD_DIMS and block_size <= _MAX_BLOCK_SIZE
+                and self.num_heads // self.num_kv_heads <= _MAX_GROUP)
 
     def build_metadata(self, layout: BatchLayout, device: torch.device) -> CpuMetadata:
         m = super().build_metadata(layout, device)
@@ -38,11 +41,11 @@ class CpuAttentionBackend(TorchAttentionBackend):
         tables = layout.block_tables[:nd].to(torch.int32).contiguous()
         ctx = layout.context_lens[:nd].to(torch.int32).contiguous()
         return CpuMetadata(m.slot_mapping.contiguous(), m.num_decode_tokens, m.decode, m.prefill,
-                           tables, ctx)
+                           tables, ctx, self.kernels_fit(layout.block_size))
 
     def forward(self, q, k, v, kv_cache, meta: CpuMetadata) -> torch.Tensor:
         lib = cpu_kernels(kv_cache)
-        if (lib is None or not self._kernels_fit() or q.dtype != kv_cache.dtype
+        if (lib is None or not meta.kernels_fit or q.dtype != kv_cache.dtype
                 or not all(t.stride(-1) == 1 and t.stride(-2) == self.head_dim for t in (q, k, v))):
             return super().forward(q, k, v, kv_cache, meta)
         _, hk, num_blocks, bs, d = kv_cache.shape

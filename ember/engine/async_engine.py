@@ -7,6 +7,16 @@ one asyncio.Queue per stream. Tokenizing and validating a prompt only read the t
 frozen config, so callers do that in their own thread and get ValueError before anything streams.
 torch releases the GIL inside its ops, so the HTTP event loop keeps serving while a step runs.
 The thread sleeps on a condition variable when there is nothing to do.
+
+Failures: a step that raises fails the requests in that batch and the loop goes on. If the thread
+itself dies (anything that escapes the loop), every request in flight gets an EngineError, new
+work is refused (EngineStopped), `failed` turns true, and `restart()` brings the engine back with
+fresh scheduler/KV state and the same weights; the server decides whether to (ember/server/
+supervisor.py). ember has no worker processes: "the worker died" means this thread died.
+
+Fault injection, for tests only: EMBER_FAULT_INJECT="step_raise:N,engine_die:M" makes the N-th
+scheduled step raise mid-step (after scheduling, before the model runs), and kills the engine
+thread at the M-th step. Steps are counted from the start of the process, across restarts.
 """
 from __future__ import annotations
 
@@ -17,6 +27,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
+from ember.config import env_str
 from ember.engine.llm_engine import EngineStats, LLMEngine
 from ember.outputs import RequestOutput
 from ember.sampling_params import SamplingParams
@@ -32,6 +43,43 @@ class EngineStopped(EngineError):
     """The engine is shutting down or is unhealthy and takes no new work."""
 
 
+class InjectedFault(RuntimeError):
+    """Raised by the test-only fault injector in place of a real step failure."""
+
+
+class EngineThreadKilled(BaseException):
+    """Test-only: escapes every `except Exception` and ends the engine thread, like a crash."""
+
+
+class FaultInjector:
+    """Parses EMBER_FAULT_INJECT ("step_raise:3,engine_die:10"); called by LLMEngine.step."""
+    KINDS = {"step_raise": InjectedFault, "engine_die": EngineThreadKilled}
+
+    def __init__(self, spec: str) -> None:
+        self.plan: dict[int, str] = {}
+        for item in filter(None, (part.strip() for part in spec.split(","))):
+            kind, _, step = item.partition(":")
+            if kind not in self.KINDS or not step.isdigit() or int(step) < 1:
+                raise ValueError(f"EMBER_FAULT_INJECT: expected kind:step with kind in "
+                                 f"{sorted(self.KINDS)} and step >= 1, got {item!r}")
+            self.plan[int(step)] = kind
+        self.steps = 0
+        self.injected: list[tuple[int, str]] = []
+
+    @classmethod
+    def from_env(cls) -> "FaultInjector | None":
+        spec = env_str("EMBER_FAULT_INJECT")
+        return cls(spec) if spec else None
+
+    def __call__(self) -> None:
+        self.steps += 1
+        kind = self.plan.pop(self.steps, None)
+        if kind is not None:
+            self.injected.append((self.steps, kind))
+            log.warning("EMBER_FAULT_INJECT: injecting %s at step %d", kind, self.steps)
+            raise self.KINDS[kind](f"injected fault {kind} at step {self.steps}")
+
+
 @dataclass(frozen=True)
 class EngineSnapshot:
     """Engine state for /metrics and admission control, published by the engine thread."""
@@ -41,6 +89,11 @@ class EngineSnapshot:
     prefix_cache_hits: int = 0        # tokens
     prefix_cache_queries: int = 0     # tokens
     step_errors: int = 0
+    restarts: int = 0
+    tracked_requests: int = 0         # request states the engine holds (0 when idle)
+    kv_blocks_total: int = 0
+    kv_blocks_free: int = 0
+    kv_blocks_cached: int = 0         # cached by the prefix cache, unreferenced (evictable)
     stats: EngineStats = field(default_factory=EngineStats)   # a copy of the engine's counters
 
 
@@ -54,18 +107,22 @@ class _Stream:
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, faults: FaultInjector | None = None) -> None:
         self.engine = engine
+        if faults is not None:
+            engine.fault_hook = faults
         self._cv = threading.Condition()
         self._commands: list[tuple] = []             # guarded by _cv
         self._pending_waiting = 0                    # sequences posted but not yet in the scheduler
-        self._stopping = False
+        self._stopping = False                       # the current thread is asked to stop
+        self._closed = False                         # shutdown() was called: no restart
+        self._accepting = False                      # a thread drains _commands (guarded by _cv)
         self._owners: dict[str, _Stream] = {}        # engine thread only
         self._step_errors = 0
+        self._restarts = 0
         self.error: BaseException | None = None      # set when the engine can no longer serve
         self.snapshot = EngineSnapshot()
-        self._thread = threading.Thread(target=self._run, name="ember-engine", daemon=True)
-        self._thread.start()
+        self._start_thread()
 
     @classmethod
     def from_options(cls, model: str | None = None, **options) -> "AsyncLLMEngine":
@@ -76,6 +133,13 @@ class AsyncLLMEngine:
     @property
     def healthy(self) -> bool:
         return self._thread.is_alive() and not self._stopping and self.error is None
+
+    @property
+    def failed(self) -> bool:
+        """The engine cannot serve and was not asked to stop: its thread died or it marked its
+        state broken. `restart()` may bring it back."""
+        return not self._closed and not self._stopping and (
+            self.error is not None or not self._thread.is_alive())
 
     @property
     def max_model_len(self) -> int:
@@ -129,10 +193,47 @@ class AsyncLLMEngine:
     def shutdown(self, timeout: float = 10.0) -> None:
         """Abort everything in flight and stop the engine thread. Idempotent."""
         with self._cv:
-            self._stopping = True
+            self._stopping = self._closed = True
             self._cv.notify()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+
+    def restart(self, timeout: float = 30.0) -> None:
+        """After a failure: stop the engine thread if it still runs (its requests get
+        EngineStopped), drop every request and all scheduler/KV state, keep the loaded weights,
+        and start a fresh thread. Blocking; call it from a worker thread, not the event loop."""
+        with self._cv:
+            if self._closed:
+                raise EngineStopped("the engine was shut down")
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise EngineError(f"the engine thread did not stop within {timeout} s")
+        self.engine.reset()
+        with self._cv:
+            if self._closed:
+                raise EngineStopped("the engine was shut down")
+            self._owners, self._pending_waiting, self.error = {}, 0, None
+            self._restarts += 1
+            self._publish(0)                 # no thread runs yet: the fresh state is ours
+            self._stopping = False
+            self._start_thread()
+
+    def _start_thread(self) -> None:
+        self._accepting = True
+        self._thread = threading.Thread(target=self._run, name="ember-engine", daemon=True)
+        self._thread.start()
+
+    async def call(self, fn):
+        """fn(LLMEngine) run on the engine thread between steps (LLMEngine is not thread-safe);
+        returns its result or raises what it raised. Raises EngineStopped if nothing runs it."""
+        stream = _Stream(asyncio.get_running_loop(), ["call"])
+        self._post([("call", fn, stream)])
+        item = await stream.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item[0]
 
     async def _iterate(self, stream: _Stream) -> AsyncIterator[RequestOutput]:
         try:
@@ -149,6 +250,9 @@ class AsyncLLMEngine:
 
     def _post(self, commands: list[tuple], waiting: int = 0) -> None:
         with self._cv:
+            if not self._accepting:          # no thread will run them: refuse, never hang
+                self._deliver(_refusals(commands, EngineStopped("the engine is not running")))
+                return
             self._commands.extend(commands)
             self._pending_waiting += waiting
             self._cv.notify()
@@ -156,6 +260,7 @@ class AsyncLLMEngine:
     # ---- engine thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
+        died = None
         try:
             while True:
                 with self._cv:
@@ -164,18 +269,26 @@ class AsyncLLMEngine:
                         self._cv.wait()
                     commands, self._commands = self._commands, []
                     if self._stopping:
-                        self._deliver([(c[4], EngineStopped("the engine is shutting down"))
-                                       for c in commands if c[0] == "add"])
+                        self._deliver(_refusals(commands, EngineStopped(
+                            "the engine is shutting down")))
                         break
                 applied = self._apply(commands)
                 if self.engine.has_unfinished_requests():
                     self._step()
                 self._publish(applied)
         except BaseException as e:  # noqa: BLE001 — a dead loop must not hang its callers
-            log.exception("the engine thread died")
-            self.error = e
-        self._fail_all(EngineStopped("the engine stopped"))
-        self._publish(0)
+            log.error("the engine thread died", exc_info=e)
+            died = self.error = e
+        with self._cv:                       # from here on _post refuses instead of queueing
+            self._accepting = False
+            commands, self._commands = self._commands, []
+        self._deliver(_refusals(commands, EngineStopped("the engine stopped")))
+        self._fail_all(EngineStopped("the engine stopped") if died is None else
+                       EngineError(f"the engine died while running this request: {died!r}"))
+        try:
+            self._publish(0)
+        except Exception:  # noqa: BLE001 — state may be broken; the old snapshot stays
+            log.exception("could not publish the engine state after it stopped")
 
     def _apply(self, commands: list[tuple]) -> int:
         """Run posted commands in order; returns the waiting sequences they added."""
@@ -187,6 +300,12 @@ class AsyncLLMEngine:
                 continue
             if cmd[0] == "abort_all":
                 self._fail_all(EngineStopped(cmd[1]))
+                continue
+            if cmd[0] == "call":
+                try:
+                    failed.append((cmd[2], (cmd[1](self.engine),)))
+                except Exception as e:  # noqa: BLE001 — the caller gets it
+                    failed.append((cmd[2], e))
                 continue
             _, rid, ids, sp, stream = cmd
             added += sp.n
@@ -244,10 +363,18 @@ class AsyncLLMEngine:
             kv_cache_usage=eng.kv.usage,
             prefix_cache_hits=pc.hit_tokens if pc else 0,
             prefix_cache_queries=pc.queried_tokens if pc else 0,
-            step_errors=self._step_errors, stats=dataclasses.replace(eng.stats))
+            step_errors=self._step_errors, restarts=self._restarts,
+            tracked_requests=len(eng.states), kv_blocks_total=eng.kv.num_blocks,
+            kv_blocks_free=eng.kv.pool.num_free, kv_blocks_cached=pc.num_evictable if pc else 0,
+            stats=dataclasses.replace(eng.stats))
         with self._cv:
             self.snapshot = snap
             self._pending_waiting -= applied_waiting
+
+
+def _refusals(commands: list[tuple], error: BaseException) -> list[tuple[_Stream, object]]:
+    """The error for each command that has a caller waiting on it (add, call)."""
+    return [(c[-1], error) for c in commands if c[0] in ("add", "call")]
 
 
 def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:

@@ -41,7 +41,8 @@ class LLMEngine:
                  max_num_seqs: int = 128, max_num_batched_tokens: int = 2048,
                  block_size: int = 16, kv_cache_memory: int | float | None = None,
                  enable_prefix_caching: bool = True, scheduling_policy: str | None = None,
-                 attention_backend: str = "torch", seed: int = 0) -> None:
+                 attention_backend: str = "auto", seed: int = 0,
+                 enforce_eager: bool = False) -> None:
         t0 = time.perf_counter()
         device = torch.device(device) if device is not None else platforms.default_device()
         dtype = platforms.resolve_dtype(dtype, device)
@@ -49,7 +50,7 @@ class LLMEngine:
         model_cfg, weights, total = load_checkpoint(self.source)
         self.tokenizer = Tokenizer.load(self.source, model_cfg.eos_token_ids)
         max_len = max_model_len or model_cfg.max_position_embeddings
-        backend = get_backend(attention_backend, num_heads=model_cfg.num_heads,
+        backend = get_backend(attention_backend, device=device, num_heads=model_cfg.num_heads,
                               num_kv_heads=model_cfg.num_kv_heads, head_dim=model_cfg.head_dim,
                               scale=model_cfg.head_dim ** -0.5,
                               sliding_window=model_cfg.sliding_window)
@@ -57,7 +58,7 @@ class LLMEngine:
         cfg = EngineConfig(self.source.name, model_cfg,
                            CacheConfig(block_size, kv_cache_memory, enable_prefix_caching),
                            SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_len, policy),
-                           device, dtype, seed)
+                           device, dtype, seed, enforce_eager)
         self._check_options(cfg)                    # before the slow part
         self.model = build_model(model_cfg, weights, total, backend, max_len, device, dtype,
                                  desc=f"loading {self.source.name}")
@@ -68,16 +69,12 @@ class LLMEngine:
             cfg = cfg.replace(scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens,
                                                         num_blocks * block_size, policy))
         self.config = cfg
-        prefix_cache = None
-        if enable_prefix_caching:
-            from ember.core.prefix_cache import RadixPrefixCache
-            prefix_cache = RadixPrefixCache()
-        self.kv = KVCacheManager(num_blocks, block_size, prefix_cache)
-        self.scheduler = Scheduler(cfg.scheduler, self.kv)
+        self._new_request_state(num_blocks)
         self.runner = ModelRunner(cfg, self.model, backend, num_blocks)
-        self.states: dict[str, RequestState] = {}
-        self._seqs: dict[str, tuple[RequestState, SequenceState]] = {}   # engine request id → its seq
         self.stats = EngineStats()
+        # Test-only fault injection (EMBER_FAULT_INJECT, see AsyncLLMEngine): called mid-step,
+        # after scheduling and before the model runs. None in normal operation.
+        self.fault_hook = None
         self._ids = itertools.count()
         self.load_time = time.perf_counter() - t0
         self.summary = (f"ember: {self.source.name} ({model_cfg.architecture}, "
@@ -86,6 +83,22 @@ class LLMEngine:
                         f"KV cache {num_blocks * block_size:,} tokens, "
                         f"max_model_len {cfg.scheduler.max_model_len}, "
                         f"loaded in {self.load_time:.1f} s")
+
+    def _new_request_state(self, num_blocks: int) -> None:
+        prefix_cache = None
+        if self.config.cache.enable_prefix_caching:
+            from ember.core.prefix_cache import RadixPrefixCache
+            prefix_cache = RadixPrefixCache()
+        self.kv = KVCacheManager(num_blocks, self.config.cache.block_size, prefix_cache)
+        self.scheduler = Scheduler(self.config.scheduler, self.kv)
+        self.states: dict[str, RequestState] = {}
+        self._seqs: dict[str, tuple[RequestState, SequenceState]] = {}   # engine request id → its seq
+
+    def reset(self) -> None:
+        """Forget every request: a fresh scheduler, block pool and prefix cache; the weights, the
+        runner and its KV tensors stay. Used to restart after a failure left the state unknown.
+        Old KV contents are never read again: no block table points at them."""
+        self._new_request_state(self.kv.num_blocks)
 
     @staticmethod
     def _check_options(cfg: EngineConfig) -> None:
@@ -194,6 +207,8 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched:
             return []
+        if self.fault_hook is not None:
+            self.fault_hook()
         result = self.runner.execute(sched, self.kv)
         self.stats.prompt_tokens_computed += sum(
             max(0, min(s.request.num_computed_tokens + s.num_new_tokens, s.request.num_prompt_tokens)

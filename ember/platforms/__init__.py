@@ -25,6 +25,35 @@ def synchronize(device: torch.device) -> None:
         torch.accelerator.synchronize(device)
 
 
+def multiprocessor_count(device: torch.device) -> int:
+    """Parallel compute units of the device (the CPU's cores on the CPU): sizes kernel grids."""
+    if device.type == "cuda":
+        from ember.platforms import cuda
+        return cuda.multiprocessor_count(device)
+    return os.cpu_count() or 1
+
+
+def graphs_supported(device: torch.device) -> bool:
+    """Whether decode steps can be captured into device graphs and replayed."""
+    return device.type == "cuda"
+
+
+def graph_pool(device: torch.device):
+    from ember.platforms import cuda
+    return cuda.graph_pool()
+
+
+def capture_graph(device: torch.device, fn, pool):
+    """(graph, outputs) for fn() captured on `device`; graph.replay() reruns it in place."""
+    from ember.platforms import cuda
+    return cuda.capture(fn, pool)
+
+
+def empty_cache(device: torch.device) -> None:
+    if device.type != "cpu":
+        torch.accelerator.empty_cache()
+
+
 def available_memory(device: torch.device) -> int:
     """Bytes free for the KV cache on this device right now."""
     if device.type == "cpu":

@@ -15,7 +15,10 @@ from ember.attention import AttentionBackend, BatchLayout
 from ember.config import EngineConfig
 from ember.core.kv_cache_manager import KVCacheManager
 from ember.core.scheduler import SchedulerOutput
+from ember.runner.graphs import DecodeGraphs, supports_graphs
 from ember.runner.sampler import Sampler, SamplingBatch
+
+MAX_GRAPH_BATCH = 512       # larger pure-decode steps run eagerly
 
 
 @dataclass
@@ -50,6 +53,13 @@ class ModelRunner:
         self.kv_caches = [platforms.zeros(shape, cfg.dtype, self.device)
                           for _ in range(cfg.model_config.num_layers)]
         self.sampler = Sampler(self.device, cfg.seed)
+        self.graphs = None
+        if (platforms.graphs_supported(self.device) and not cfg.enforce_eager
+                and supports_graphs(backend)):
+            bs = cfg.cache.block_size
+            self.graphs = DecodeGraphs(model, backend, self.kv_caches,
+                                       min(cfg.scheduler.max_num_seqs, MAX_GRAPH_BATCH),
+                                       -(-cfg.scheduler.max_model_len // bs), self.device)
 
     def _layout(self, sched, kv: KVCacheManager) -> BatchLayout:
         reqs = [s.request for s in sched]
@@ -59,8 +69,11 @@ class ModelRunner:
         width = max(len(t) for t in tables)
         block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
         # position of every new token: its request's start + its offset inside the chunk
-        offsets = torch.arange(int(qlens.sum())) - torch.repeat_interleave(qlens.cumsum(0) - qlens, qlens)
-        positions = torch.repeat_interleave(starts, qlens) + offsets
+        if len(sched) == int(qlens.sum()):          # pure decode: one token at its start
+            positions = starts.clone()
+        else:
+            offsets = torch.arange(int(qlens.sum())) - torch.repeat_interleave(qlens.cumsum(0) - qlens, qlens)
+            positions = torch.repeat_interleave(starts, qlens) + offsets
         return BatchLayout(qlens, starts + qlens, positions, block_tables,
                            num_decodes=int((qlens == 1).sum()), max_query_len=int(qlens.max()),
                            max_context_len=int((starts + qlens).max()),
@@ -72,17 +85,17 @@ class ModelRunner:
         order = sorted(range(len(out.scheduled)), key=lambda i: out.scheduled[i].num_new_tokens != 1)
         sched = [out.scheduled[i] for i in order]
         layout = self._layout(sched, kv)
-        input_ids = [t for s in sched for t in s.request.all_token_ids[
-            s.request.num_computed_tokens:s.request.num_computed_tokens + s.num_new_tokens]]
-        meta = self.backend.build_metadata(layout, self.device)
-        hidden = self.model(torch.tensor(input_ids, device=self.device),
-                            layout.positions.to(self.device), self.kv_caches, meta)
+        input_ids = torch.tensor([t for s in sched for t in s.request.all_token_ids[
+            s.request.num_computed_tokens:s.request.num_computed_tokens + s.num_new_tokens]])
         sampling_rows = [i for i, s in enumerate(sched) if s.samples]
+        if (self.graphs is not None and len(sampling_rows) == len(sched)
+                and self.graphs.can_run(layout)):
+            logits = self.graphs.run(input_ids, layout)
+        else:
+            logits = self._forward_eager(input_ids, layout, sampling_rows)
         sampled: list[int | None] = [None] * len(sched)
         logprobs: list[Logprobs | None] = [None] * len(sched)
         if sampling_rows:
-            last_token = (layout.query_lens.cumsum(0) - 1)[sampling_rows]
-            logits = self.model.compute_logits(hidden[last_token.to(self.device)])
             reqs = [sched[i].request for i in sampling_rows]
             batch = SamplingBatch.build(reqs, logits.shape[-1], self.device)
             res = self.sampler(logits, batch)
@@ -95,6 +108,15 @@ class ModelRunner:
         for pos, i in enumerate(order):
             inverse[i] = pos
         return RunnerOutput([sampled[p] for p in inverse], [logprobs[p] for p in inverse])
+
+    def _forward_eager(self, input_ids, layout: BatchLayout, sampling_rows) -> torch.Tensor | None:
+        meta = self.backend.build_metadata(layout, self.device)
+        hidden = self.model(input_ids.to(self.device), layout.positions.to(self.device),
+                            self.kv_caches, meta)
+        if not sampling_rows:
+            return None
+        last_token = (layout.query_lens.cumsum(0) - 1)[sampling_rows]
+        return self.model.compute_logits(hidden[last_token.to(self.device)])
 
     @staticmethod
     def _logprobs(res, batch: SamplingBatch) -> list[Logprobs | None]:

@@ -19,6 +19,7 @@ class SamplingBatch:
     temperature: torch.Tensor            # [B] (0 where greedy)
     greedy: torch.Tensor                 # [B] bool
     all_greedy: bool
+    any_greedy: bool
     top_k: torch.Tensor | None           # [B] int, vocab size where disabled
     top_p: torch.Tensor | None           # [B]
     min_p: torch.Tensor | None           # [B]
@@ -43,7 +44,7 @@ class SamplingBatch:
             top_p = col([sp.top_p for sp in sps])
         if any(sp.min_p > 0 for sp in sps):
             min_p = col([sp.min_p for sp in sps])
-        return cls(temp, col(greedy, torch.bool), all(greedy), top_k, top_p, min_p,
+        return cls(temp, col(greedy, torch.bool), all(greedy), any(greedy), top_k, top_p, min_p,
                    _penalties(requests, device), _banned(requests, device),
                    [r.generator for r in requests], [sp.logprobs for sp in sps])
 
@@ -143,12 +144,15 @@ class Sampler:
             logits = apply_penalties(logits, b.penalties)
         if b.banned is not None:
             logits = logits.index_put(b.banned, torch.tensor(float("-inf"), device=logits.device))
-        tokens = logits.argmax(-1)
-        if not b.all_greedy:
+        if b.all_greedy:
+            tokens = logits.argmax(-1)
+        else:
             scaled = logits / torch.where(b.greedy, 1.0, b.temperature).unsqueeze(1)
             probs = apply_top_k_top_p_min_p(scaled, b).softmax(-1)
             q = _exponential_noise(b, probs.shape, probs.device, self.generator)
-            tokens = torch.where(b.greedy, tokens, (probs / q).argmax(-1))
+            tokens = (probs / q).argmax(-1)
+            if b.any_greedy:            # (a full pass over [B, V] saved when no row is greedy)
+                tokens = torch.where(b.greedy, logits.argmax(-1), tokens)
         out = SamplerOutput(tokens)
         if raw_logprobs is not None:
             k = max(n or 0 for n in b.num_logprobs)

@@ -4,6 +4,8 @@ Two small ASGI middlewares guard every request before any handler runs: the API 
 first, so an unauthenticated client cannot make us read a large body) and the body-size limit
 (checked against content-length and again while reading, since chunked bodies declare none).
 Every error leaves in OpenAI's shape {"error": {"message", "type", "param", "code"}}.
+Handlers read their body themselves (so that the checks above come first); `_document_bodies`
+puts the pydantic request models into /openapi.json, which clients and the fuzz tests read.
 """
 from __future__ import annotations
 
@@ -12,22 +14,25 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ember.engine.async_engine import AsyncLLMEngine
+from ember.engine.async_engine import AsyncLLMEngine, EngineStopped
 from ember.server.metrics import CONTENT_TYPE, ServerMetrics
 from ember.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                    TokenizeRequest, describe_validation_error)
 from ember.server.serving_chat import ChatServing, render_messages
 from ember.server.serving_common import APIError, ServingContext
 from ember.server.serving_completions import CompletionServing
+from ember.server.supervisor import EngineSupervisor
 
 log = logging.getLogger("ember.server")
 STATIC = Path(__file__).parent / "static"
@@ -103,15 +108,37 @@ class BodyLimitMiddleware:
         return await self.app(scope, replay, send)
 
 
-async def _parse(raw: Request, model_cls):
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+# A \uD800-\uDFFF escape in the body; only then can the parsed text hold a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(data) -> bool:
     try:
-        data = json.loads(await raw.body())
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+async def _parse(raw: Request, model_cls):
+    body = await raw.body()
+    try:
+        # Strict UTF-8 (json.loads on bytes would let surrogates through) and strict JSON (NaN
+        # and Infinity are not numbers a client may send).
+        data = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
     except ValueError as e:                  # includes bad UTF-8
         raise APIError(400, f"malformed JSON body: {e}") from None
     except RecursionError:
         raise APIError(400, "malformed JSON body: nested too deeply") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(body) and _has_lone_surrogate(data):
+        raise APIError(400, "malformed JSON body: a \\u escape encodes a lone UTF-16 surrogate, "
+                       "which is not a Unicode character")
     try:
         return model_cls.model_validate(data)
     except ValidationError as e:
@@ -137,6 +164,40 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def internal_error(_, exc: Exception):
         log.exception("unhandled error")
         return APIError(500, f"internal server error: {exc!r}").response()
+
+
+def _document_bodies(app: FastAPI, bodies: dict[str, type[BaseModel]]) -> None:
+    """/openapi.json with each POST route's request body: the pydantic model's JSON schema."""
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for path, model in bodies.items():
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+                schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": {
+                    "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def inspect_engine(eng) -> dict:
+    """The allocator and request bookkeeping, checked; runs on the engine thread."""
+    kv, pc = eng.kv, eng.kv.prefix_cache
+    try:
+        kv.check_integrity()
+        integrity = "ok"
+    except AssertionError as e:
+        integrity = f"broken: {e}"
+    return {"integrity": integrity, "requests": len(eng.states),
+            "running": len(eng.scheduler.running), "waiting": len(eng.scheduler.waiting),
+            "block_tables": len(kv.tables),
+            "kv_blocks": {"total": kv.num_blocks, "free": kv.pool.num_free,
+                          "cached": pc.num_evictable if pc else 0,
+                          "held": sum(1 for c in kv.pool.ref_count if c > 0)}}
 
 
 def build_app(engine: AsyncLLMEngine, args=None) -> FastAPI:
@@ -205,6 +266,18 @@ def build_app(engine: AsyncLLMEngine, args=None) -> FastAPI:
     async def chat_page():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
+    if _opt(args, "debug_endpoints"):
+        @app.get("/debug/engine")
+        async def debug_engine():
+            try:
+                return {"healthy": engine.healthy, **await engine.call(inspect_engine)}
+            except EngineStopped as e:
+                raise APIError(503, str(e), headers={"Retry-After": "5"}) from None
+
+    _document_bodies(app, {"/v1/completions": CompletionRequest,
+                           "/v1/chat/completions": ChatCompletionRequest,
+                           "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest})
+
     app.add_middleware(BodyLimitMiddleware,
                        max_bytes=_opt(args, "max_body_bytes") or DEFAULT_MAX_BODY_BYTES)
     if _opt(args, "api_key"):
@@ -213,24 +286,38 @@ def build_app(engine: AsyncLLMEngine, args=None) -> FastAPI:
     return app
 
 
-def serve(engine: AsyncLLMEngine, args) -> None:
-    """Run until SIGINT/SIGTERM. Shutdown: uvicorn stops accepting at once; in-flight responses
-    get `shutdown_timeout` seconds to finish, then we abort them at the engine, so that streams
-    end with an error event rather than by task cancellation; then the engine thread stops."""
+def serve(engine: AsyncLLMEngine, args) -> int:
+    """Run until SIGINT/SIGTERM (exit status 0) or, with `--on-engine-failure exit`, until the
+    engine dies (EXIT_ENGINE_FAILED). Shutdown: uvicorn stops accepting at once; in-flight
+    responses get `shutdown_timeout` seconds to finish, then we abort them at the engine, so that
+    streams end with an error event rather than by task cancellation; then the engine thread
+    stops."""
     import signal
 
     import uvicorn
 
     grace = _opt(args, "shutdown_timeout", 5.0)
+    exit_status = 0
 
     class Server(uvicorn.Server):
+        supervisor: asyncio.Task | None = None
+
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)
             if self.started:
+                watch = EngineSupervisor(engine, _opt(args, "on_engine_failure", "restart"),
+                                         _opt(args, "max_engine_restarts", 5), self.stop_with)
+                self.supervisor = asyncio.ensure_future(watch.run())
                 print(f"ember: serving {engine.engine.source.name} on "
                       f"http://{args.host}:{args.port} (ready)", flush=True)
 
+        def stop_with(self, status: int) -> None:
+            nonlocal exit_status
+            exit_status, self.should_exit = status, True
+
         async def shutdown(self, sockets=None) -> None:
+            if self.supervisor is not None:
+                self.supervisor.cancel()
             asyncio.get_running_loop().call_later(grace, engine.abort_all)
             await super().shutdown(sockets)
 
@@ -242,3 +329,6 @@ def serve(engine: AsyncLLMEngine, args) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     Server(config).run()
+    if exit_status:
+        log.error("ember: exiting with status %d: the engine failed", exit_status)
+    return exit_status

@@ -56,6 +56,20 @@ class _EngineCollector:
                            s.stats.preemptions)
         yield self._family(c, "ember:engine_step_errors", "Engine steps that raised.",
                            s.step_errors)
+        yield self._family(c, "ember:engine_restarts", "Engine restarts after it died.",
+                           s.restarts)
+        yield self._family(g, "ember:engine_tracked_requests",
+                           "Requests the engine holds state for (0 when idle).",
+                           s.tracked_requests)
+        # The allocator: total = free + cached (evictable) + held by requests.
+        yield self._family(g, "ember:kv_blocks_total", "KV cache blocks.", s.kv_blocks_total)
+        yield self._family(g, "ember:kv_blocks_free", "KV blocks on the free list.",
+                           s.kv_blocks_free)
+        yield self._family(g, "ember:kv_blocks_cached",
+                           "KV blocks kept by the prefix cache, unreferenced (evictable).",
+                           s.kv_blocks_cached)
+        yield self._family(g, "ember:kv_blocks_held", "KV blocks referenced by requests.",
+                           s.kv_blocks_total - s.kv_blocks_free - s.kv_blocks_cached)
 
 
 class ServerMetrics:

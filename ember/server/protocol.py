@@ -2,19 +2,29 @@
 
 Models are strict (no "0.5" → 0.5, no true → 1) and forbid unknown fields: a misspelt or
 unsupported parameter is a 400 naming it, as OpenAI does, rather than being silently ignored.
-Value ranges are checked once, by SamplingParams; here we only check shapes and types.
+Value ranges are checked once, by SamplingParams; here we only check shapes and types, plus
+limits that protect the server rather than describe the model: integers fit in int64 (they become
+tensors and generator seeds), floats are finite, and stop conditions are bounded in number and
+size (they are checked on the engine thread for every generated token).
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError,
+                      field_validator)
 
 from ember.sampling_params import SamplingParams
 
 
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 256
+Int64 = int
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -23,26 +33,39 @@ class StreamOptions(_Strict):
 
 class _SamplingRequest(_Strict):
     model: str | None = None
-    n: int = 1
-    max_tokens: int | None = None
+    n: Int64 = 1
+    max_tokens: Int64 | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: Int64 | None = None
     min_p: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Int64] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: Int64 = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None                      # accepted for compatibility; unused
     logit_bias: dict[str, float] | None = None   # only an empty one is accepted (see _unsupported)
+
+    @field_validator("stop")
+    @classmethod
+    def _few_short_stop_strings(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, "
+                             f"got {len(stops)}")
+        for s in stops:
+            if len(s) > MAX_STOP_STRING_CHARS:
+                raise ValueError(f"a stop string may have at most {MAX_STOP_STRING_CHARS} "
+                                 f"characters, got {len(s)}")
+        return stop
 
     def _unsupported(self) -> list[str]:
         return ["logit_bias"] if self.logit_bias else []
@@ -72,8 +95,8 @@ class _SamplingRequest(_Strict):
 class CompletionRequest(_SamplingRequest):
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
     echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
+    logprobs: Int64 | None = None
+    best_of: Int64 | None = None
     suffix: str | None = None
 
     def _unsupported(self) -> list[str]:
@@ -115,9 +138,9 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Int64 | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Int64 | None = None
     add_generation_prompt: bool = True
     response_format: dict[str, Any] | None = None
 

@@ -84,7 +84,7 @@ class ChatServing:
         # The role comes first, before any token: clients key the message off it.
         for i in range(req.n):
             yield chunk(i, {"role": "assistant", "content": ""})
-        sent_text, sent_tokens = [0] * req.n, [0] * req.n
+        sent_text, sent_tokens, ended = [0] * req.n, [0] * req.n, [False] * req.n
         final: RequestOutput | None = None
         try:
             async for out in stream:
@@ -94,10 +94,11 @@ class ChatServing:
                     i = c.index
                     text = c.text[sent_text[i]:]
                     new_tokens = len(c.token_ids) > sent_tokens[i]
-                    if not (text or new_tokens or c.finished):
+                    if ended[i] or not (text or new_tokens or c.finished):
                         continue             # as in completions: one chunk per new token(s)
                     logprobs = self._logprobs(req, c, sent_tokens[i])
                     sent_text[i], sent_tokens[i] = len(c.text), len(c.token_ids)
+                    ended[i] = c.finished
                     yield chunk(i, {"content": text} if text else {}, logprobs,
                                 c.finish_reason, c.stop_reason)
         finally:

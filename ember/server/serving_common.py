@@ -20,7 +20,8 @@ from ember.server.metrics import RequestTimer, ServerMetrics
 from ember.server.protocol import ChatCompletionRequest, CompletionRequest
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
-                404: "invalid_request_error", 413: "invalid_request_error",
+                404: "invalid_request_error", 405: "invalid_request_error",
+                413: "invalid_request_error",
                 503: "server_error", 500: "server_error"}
 # Parameter names that ValueError messages (SamplingParams, the engine, protocol) start with.
 _PARAMS = ({f.name for f in dataclasses.fields(SamplingParams)} | set(CompletionRequest.model_fields)
@@ -117,13 +118,22 @@ class ServingContext:
                            f"of the messages or completion.", param="max_tokens")
         return sp
 
-    async def start(self, requests: list[tuple[str, list[int], SamplingParams]]
-                    ) -> AsyncIterator[RequestOutput]:
-        num_seqs = sum(sp.n for _, _, sp in requests)
+    def check_num_seqs(self, num_seqs: int) -> None:
+        """One request may not fill more than the whole waiting queue."""
         if self.max_waiting is not None and num_seqs > self.max_waiting:
-            # one request may not fill more than the whole waiting queue
             raise APIError(400, f"this request asks for {num_seqs} sequences (prompts × n); the "
                            f"server takes at most {self.max_waiting} at once", param="n")
+
+    def check_token_ids(self, sp: SamplingParams) -> None:
+        vocab = self.engine.engine.config.model_config.vocab_size
+        if any(t >= vocab for t in sp.stop_token_ids):
+            raise APIError(400, f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
+
+    async def start(self, requests: list[tuple[str, list[int], SamplingParams]]
+                    ) -> AsyncIterator[RequestOutput]:
+        self.check_num_seqs(sum(sp.n for _, _, sp in requests))
+        for _, _, sp in requests:
+            self.check_token_ids(sp)
         if not self.engine.healthy:
             raise APIError(503, "the engine is not available", headers={"Retry-After": "5"})
         if not admit(self.engine.num_waiting(), self.max_waiting):

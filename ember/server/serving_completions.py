@@ -41,6 +41,7 @@ class _ChoiceProgress:
     tokens: int = 0
     offset: int = 0
     started: bool = False
+    finished: bool = False
 
 
 class CompletionServing:
@@ -50,6 +51,7 @@ class CompletionServing:
     async def create(self, req: CompletionRequest, raw: Request) -> Response:
         ctx = self.ctx
         ctx.check_model(req.model)
+        ctx.check_num_seqs(len(req.prompts()) * req.n)       # before tokenizing them all
         try:
             sp = req.sampling_params(req.max_tokens, req.logprobs)
             prompts = [self._tokenize(p, req.echo, sp.skip_special_tokens) for p in req.prompts()]
@@ -115,6 +117,8 @@ class CompletionServing:
     @staticmethod
     def _delta(req: CompletionRequest, index: int, prompt: _Prompt, done: _ChoiceProgress,
                c: CompletionOutput) -> dict | None:
+        if done.finished:            # n > 1: later outputs still carry this finished choice
+            return None
         text = c.text[done.text:]
         new_ids = c.token_ids[done.tokens:]
         if not done.started and req.echo:
@@ -130,5 +134,6 @@ class CompletionServing:
             if logprobs["tokens"]:
                 done.offset = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1] or "")
         done.text, done.tokens, done.started = len(c.text), len(c.token_ids), True
+        done.finished = c.finished
         return {"index": index, "text": text, "logprobs": logprobs,
                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}

@@ -282,70 +282,96 @@ extern "C" void ember_kv_write(int64_t elem, const void* k, int64_t ldk, const v
 }
 
 // ---------------------------------------------------------------------------------------------
-// paged_decode: one query per sequence. For each (sequence, KV head) the G query heads of that
-// group walk the sequence's blocks together: scores for a block's keys, an online softmax (running
-// max and sum, rescaled per block) and the value sum, all in fp32, read straight from the cache.
-template <typename T>
-static void paged_decode_impl(const T* q, int64_t ldq, const T* cache, const int32_t* tables,
-                              int64_t max_blocks, const int32_t* ctx_lens, T* out, int64_t B,
-                              int64_t H, int64_t HK, int64_t num_blocks, int64_t bs, int64_t D,
-                              float scale, int64_t window) {
-    const int64_t G = H / HK, nv = D / 16;
-    const int64_t plane = HK * num_blocks * bs * D;
+// paged_decode: one query per sequence. For each (sequence, KV head), the G query heads of that
+// group walk the sequence's blocks together: a block's keys and values are converted to fp32 once
+// (for all G heads), then per head the block's scores, an online-softmax update (running max and
+// sum, rescaled per block) and the value sum, all in fp32, read straight from the cache.
+template <typename T, int D>
+static void paged_decode_heads(const T* q, int64_t ldq, const T* cache, const int32_t* tables,
+                               int64_t max_blocks, const int32_t* ctx_lens, T* out, int64_t B,
+                               int64_t H, int64_t HK, int64_t num_blocks, int64_t bs, float scale,
+                               int64_t window) {
+    constexpr int NV = D / 16;
+    const int64_t G = H / HK, plane = HK * num_blocks * bs * D;
     #pragma omp parallel for collapse(2) schedule(dynamic, 1)
     for (int64_t b = 0; b < B; b++)
         for (int64_t h = 0; h < HK; h++) {
             const int64_t ctx = ctx_lens[b];
             const int64_t start = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
-            __m512 qv[8][16], acc[8][16];     // G ≤ 8 heads per group, D ≤ 256
+            alignas(64) float qf[8][D], acc[8][D], kf[16][D], vf[16][D];
             float m[8], l[8];
             for (int64_t g = 0; g < G; g++) {
                 const T* qp = q + b * ldq + (h * G + g) * D;
-                for (int64_t i = 0; i < nv; i++) {
-                    qv[g][i] = _mm512_mul_ps(load16(qp + 16 * i), _mm512_set1_ps(scale));
-                    acc[g][i] = _mm512_setzero_ps();
+                for (int i = 0; i < NV; i++) {
+                    _mm512_store_ps(qf[g] + 16 * i, _mm512_mul_ps(load16(qp + 16 * i),
+                                                                  _mm512_set1_ps(scale)));
+                    _mm512_store_ps(acc[g] + 16 * i, _mm512_setzero_ps());
                 }
                 m[g] = -INFINITY;
                 l[g] = 0.f;
             }
             for (int64_t blk = start / bs; blk * bs < ctx; blk++) {
                 const int64_t j0 = std::max(start, blk * bs), j1 = std::min(ctx, (blk + 1) * bs);
-                const int64_t base = ((h * num_blocks + tables[b * max_blocks + blk]) * bs) * D;
-                const T* kb = cache + base - blk * bs * D;       // kb + j * D is key j
-                const T* vb = cache + plane + base - blk * bs * D;
-                for (int64_t g = 0; g < G; g++) {
-                    alignas(64) float s[16];
-                    for (int64_t j = 0; j < 16; j++) s[j] = -INFINITY;
-                    for (int64_t j = j0; j < j1; j++) {
-                        __m512 d = _mm512_mul_ps(qv[g][0], load16(kb + j * D));
-                        for (int64_t i = 1; i < nv; i++)
-                            d = _mm512_fmadd_ps(qv[g][i], load16(kb + j * D + 16 * i), d);
-                        s[j - j0] = _mm512_reduce_add_ps(d);
+                const int64_t n = j1 - j0;
+                const int64_t at = ((h * num_blocks + tables[b * max_blocks + blk]) * bs
+                                    + j0 - blk * bs) * D;
+                for (int64_t j = 0; j < n; j++)
+                    for (int i = 0; i < NV; i++) {
+                        _mm512_store_ps(kf[j] + 16 * i, load16(cache + at + j * D + 16 * i));
+                        _mm512_store_ps(vf[j] + 16 * i, load16(cache + plane + at + j * D + 16 * i));
                     }
-                    __m512 sv = _mm512_load_ps(s);
+                for (int64_t g = 0; g < G; g++) {
+                    __m512 qv[NV];
+                    for (int i = 0; i < NV; i++) qv[i] = _mm512_load_ps(qf[g] + 16 * i);
+                    alignas(64) float sc[16];
+                    for (int64_t j = 0; j < 16; j++) {
+                        if (j >= n) { sc[j] = -INFINITY; continue; }
+                        __m512 d = _mm512_mul_ps(qv[0], _mm512_load_ps(kf[j]));
+                        for (int i = 1; i < NV; i++)
+                            d = _mm512_fmadd_ps(qv[i], _mm512_load_ps(kf[j] + 16 * i), d);
+                        sc[j] = _mm512_reduce_add_ps(d);
+                    }
+                    const __m512 sv = _mm512_load_ps(sc);
                     const float mx = std::max(m[g], _mm512_reduce_max_ps(sv));
                     const float corr = std::exp(m[g] - mx);
-                    __m512 p = exp16(_mm512_sub_ps(sv, _mm512_set1_ps(mx)));
-                    p = _mm512_maskz_mov_ps((__mmask16)((1u << (j1 - j0)) - 1), p);
+                    const __m512 p = _mm512_maskz_mov_ps((__mmask16)((1u << n) - 1),
+                                                         exp16(_mm512_sub_ps(sv, _mm512_set1_ps(mx))));
                     l[g] = l[g] * corr + _mm512_reduce_add_ps(p);
                     m[g] = mx;
                     alignas(64) float pj[16];
                     _mm512_store_ps(pj, p);
-                    const __m512 cv = _mm512_set1_ps(corr);
-                    for (int64_t i = 0; i < nv; i++) acc[g][i] = _mm512_mul_ps(acc[g][i], cv);
-                    for (int64_t j = j0; j < j1; j++) {
-                        const __m512 pv = _mm512_set1_ps(pj[j - j0]);
-                        for (int64_t i = 0; i < nv; i++)
-                            acc[g][i] = _mm512_fmadd_ps(pv, load16(vb + j * D + 16 * i), acc[g][i]);
+                    __m512 a[NV];
+                    for (int i = 0; i < NV; i++)
+                        a[i] = _mm512_mul_ps(_mm512_load_ps(acc[g] + 16 * i), _mm512_set1_ps(corr));
+                    for (int64_t j = 0; j < n; j++) {
+                        const __m512 pv = _mm512_set1_ps(pj[j]);
+                        for (int i = 0; i < NV; i++)
+                            a[i] = _mm512_fmadd_ps(pv, _mm512_load_ps(vf[j] + 16 * i), a[i]);
                     }
+                    for (int i = 0; i < NV; i++) _mm512_store_ps(acc[g] + 16 * i, a[i]);
                 }
             }
             for (int64_t g = 0; g < G; g++) {
                 const __m512 inv = _mm512_set1_ps(1.f / l[g]);
                 T* op = out + (b * H + h * G + g) * D;
-                for (int64_t i = 0; i < nv; i++) store16(op + 16 * i, _mm512_mul_ps(acc[g][i], inv));
+                for (int i = 0; i < NV; i++)
+                    store16(op + 16 * i, _mm512_mul_ps(_mm512_load_ps(acc[g] + 16 * i), inv));
             }
         }
+}
+
+template <typename T>
+static void paged_decode_impl(const T* q, int64_t ldq, const T* cache, const int32_t* tables,
+                              int64_t max_blocks, const int32_t* ctx_lens, T* out, int64_t B,
+                              int64_t H, int64_t HK, int64_t num_blocks, int64_t bs, int64_t D,
+                              float scale, int64_t window) {
+    switch (D) {      // head sizes as compile-time constants: the accumulators stay in registers
+#define HEAD(d) case d: paged_decode_heads<T, d>(q, ldq, cache, tables, max_blocks, ctx_lens, out, \
+                                                 B, H, HK, num_blocks, bs, scale, window); break;
+        HEAD(16) HEAD(32) HEAD(48) HEAD(64) HEAD(80) HEAD(96) HEAD(112) HEAD(128) HEAD(160)
+        HEAD(192) HEAD(256)
+#undef HEAD
+    }
 }
 
 extern "C" void ember_paged_decode(int dtype, const void* q, int64_t ldq, const void* cache,

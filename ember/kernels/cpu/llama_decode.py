@@ -54,14 +54,15 @@ class FusedLlamaDecode:
                 and all(m.bias is None for layer in model.layers
                         for m in (layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                                   layer.mlp.down_proj))
-                and isinstance(attn.attn, CpuAttentionBackend) and attn.attn._kernels_fit()
+                and isinstance(attn.attn, CpuAttentionBackend)
                 and d % 32 == 0 and model.rotary.cos_sin.dtype == torch.bfloat16
                 and first.input_layernorm.weight.shape[0] % 16 == 0
                 and mlp.down_proj.weight.shape[1] % 16 == 0)
         return cls(model) if fits else None
 
     def serves(self, meta, num_tokens: int) -> bool:
-        return getattr(meta, "prefill", True) is None and meta.num_decode_tokens == num_tokens
+        return (getattr(meta, "kernels_fit", False) and meta.prefill is None
+                and meta.num_decode_tokens == num_tokens)
 
     def _layer_weights(self, kv_caches: list[torch.Tensor]):
         key = tuple(c.data_ptr() for c in kv_caches)
