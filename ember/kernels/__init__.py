@@ -26,30 +26,54 @@ def cpu_kernels(t: torch.Tensor) -> ctypes.CDLL | None:
     return cpu.library()
 
 
+def _linear_kernel_takes(weight: torch.Tensor) -> bool:
+    n, k = weight.shape
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and n % 32 == 0
+            and k % 2 == 0 and cpu.has_linear_bf16())
+
+
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """The layout ember's bf16 linear kernel reads ([N/32][K/2][32][2]), or None where that kernel
     does not serve this weight (other device or dtype, shapes, no AVX-512 BF16). A copy: the
     caller keeps `weight` for everything else (tied embeddings, weight updates, the torch path)."""
-    n, k = weight.shape
-    if (weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or n % 32 or k % 2
-            or not cpu.has_linear_bf16()):
+    if not _linear_kernel_takes(weight):
         return None
+    n, k = weight.shape
     packed = torch.empty(n * k, dtype=torch.bfloat16)
     cpu.library().ember_pack_bf16(weight.contiguous().data_ptr(), packed.data_ptr(), n, k)
     return packed
 
 
+def quantize_linear_weight_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Weight-only int8 for the CPU kernel: symmetric, one fp32 scale per output row
+    (q = round(w / s), s = max|w_row| / 127), packed like pack_linear_weight. None where the
+    kernel does not serve this weight."""
+    if not _linear_kernel_takes(weight):
+        return None
+    w = weight.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    n, k = q.shape
+    packed = q.view(n // 32, 32, k // 2, 2).permute(0, 2, 1, 3).contiguous().view(-1)
+    return packed, scales.contiguous()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           packed: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] · weight [N, K]ᵀ (+ bias). With `packed` (pack_linear_weight of this weight),
-    ember's kernel runs; otherwise torch's."""
+           packed: torch.Tensor | None = None, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] · weight [N, K]ᵀ (+ bias). With `packed` (pack_linear_weight of this weight, or
+    quantize_linear_weight_int8 with its `scales`), ember's kernel runs; otherwise torch's, on
+    `weight`."""
     if (packed is not None and x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(1) == 1
             and (bias is None or bias.dtype == torch.bfloat16)):
         m, k = x.shape
         n = weight.shape[0]
         y = torch.empty(m, n, dtype=x.dtype)
-        cpu.library().ember_linear_bf16(x.data_ptr(), x.stride(0), packed.data_ptr(), _ptr(bias),
-                                        y.data_ptr(), n, m, n, k)
+        if scales is None:
+            cpu.library().ember_linear_bf16(x.data_ptr(), x.stride(0), packed.data_ptr(),
+                                            _ptr(bias), y.data_ptr(), n, m, n, k)
+        else:
+            cpu.library().ember_linear_w8(x.data_ptr(), x.stride(0), packed.data_ptr(),
+                                          scales.data_ptr(), _ptr(bias), y.data_ptr(), n, m, n, k)
         return y
     return F.linear(x, weight, bias)
 

@@ -38,5 +38,5 @@ class ParallelLMHead(PackedWeight, VocabParallelEmbedding):
         self.vocab_size = vocab_size
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = kernels.linear(hidden, self.weight, packed=self.packed)
+        logits = kernels.linear(hidden, self.weight, packed=self.packed, scales=self.scales)
         return self.ps.all_gather(logits, dim=-1)[..., :self.vocab_size]

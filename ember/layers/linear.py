@@ -16,10 +16,25 @@ from ember.distributed import SINGLE, ParallelState
 class PackedWeight:
     """A layer whose weight the CPU linear kernel may read in its own layout. `pack_weight()` runs
     once the weights are loaded (and again after any weight update); `packed` stays None where the
-    kernel does not serve (other devices and dtypes), and torch's linear runs."""
-    packed: torch.Tensor | None = None
+    kernel does not serve (other devices and dtypes), and torch's linear runs.
 
-    def pack_weight(self) -> None:
+    quantization="int8": weight-only int8 with a scale per output row (`scales`). `weight` then
+    holds the dequantized values, so that every path computes the same function."""
+    packed: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+
+    def pack_weight(self, quantization: str | None = None) -> None:
+        self.packed = self.scales = None
+        if quantization == "int8":
+            quantized = kernels.quantize_linear_weight_int8(self.weight.data)
+            if quantized is not None:
+                self.packed, self.scales = quantized
+                q = self.packed.view(-1, self.weight.shape[1] // 2, 32, 2).permute(0, 2, 1, 3)
+                dequantized = q.reshape(self.weight.shape).float() * self.scales[:, None]
+                self.weight.data.copy_(dequantized)
+                return
+        elif quantization is not None:
+            raise ValueError(f"unknown quantization {quantization!r}; ember has: int8")
         self.packed = kernels.pack_linear_weight(self.weight.data)
 
 
@@ -45,7 +60,7 @@ class ColumnParallelLinear(PackedWeight, nn.Module):
         param.data.copy_(_shard(loaded, 0, self.ps))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.weight, self.bias, self.packed)
+        return kernels.linear(x, self.weight, self.bias, self.packed, self.scales)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -101,7 +116,7 @@ class RowParallelLinear(PackedWeight, nn.Module):
         param.data.copy_(loaded if param is self.bias else _shard(loaded, 1, self.ps))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = kernels.linear(x, self.weight, packed=self.packed)
+        y = kernels.linear(x, self.weight, packed=self.packed, scales=self.scales)
         y = self.ps.all_reduce(y)
         # The bias is added once, after the reduction.
         return y if self.bias is None else y + self.bias

@@ -130,11 +130,12 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def post_load(self, device: torch.device, dtype: torch.dtype) -> None:
+    def post_load(self, device: torch.device, dtype: torch.dtype,
+                  quantization: str | None = None) -> None:
         self.model.rotary.build_cache(device, dtype)
         for module in self.modules():
             if isinstance(module, PackedWeight):
-                module.pack_weight()
+                module.pack_weight(quantization)
         self.model.fused_decode = FusedLlamaDecode.build(self.model)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -107,7 +107,7 @@ def load_checkpoint(source: ModelSource) -> tuple[ModelConfig, Iterator, int]:
 
 def build_model(cfg: ModelConfig, weights: Iterator, total: int | None, backend,
                 max_position: int, device: torch.device, dtype: torch.dtype,
-                desc: str = "loading weights") -> torch.nn.Module:
+                desc: str = "loading weights", quantization: str | None = None) -> torch.nn.Module:
     cls = model_class(cfg.architecture)
     with torch.device("meta"), _default_dtype(dtype):
         model = cls(cfg, backend, max_position)
@@ -120,5 +120,5 @@ def build_model(cfg: ModelConfig, weights: Iterator, total: int | None, backend,
     missing = sorted(expected - loaded)
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[:3]}")
-    model.post_load(device, dtype)
+    model.post_load(device, dtype, quantization)
     return model.eval()

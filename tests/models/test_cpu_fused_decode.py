@@ -35,8 +35,9 @@ def _generate(llm, prompts):
                                        for d in o.outputs[0].logprobs]) for o in outs]
 
 
+@pytest.mark.parametrize("quantization", [None, "int8"])
 @pytest.mark.parametrize("case", ["llama", "qwen2-bias", "qwen3-qknorm", "mistral-window"])
-def test_fused_decode_equals_modules(case, tmp_path):
+def test_fused_decode_equals_modules(case, quantization, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from ember import LLM
@@ -53,7 +54,8 @@ def test_fused_decode_equals_modules(case, tmp_path):
     hf.save_pretrained(tmp_path, safe_serialization=True)
     load_gguf_tokenizer(default_gguf_path()).save_pretrained(tmp_path)
 
-    llm = LLM(str(tmp_path), dtype="bfloat16", enable_prefix_caching=False)
+    llm = LLM(str(tmp_path), dtype="bfloat16", enable_prefix_caching=False,
+              quantization=quantization)
     model = llm.engine.model.model
     assert model.fused_decode is not None
     g = torch.Generator().manual_seed(1)
@@ -62,3 +64,32 @@ def test_fused_decode_equals_modules(case, tmp_path):
     model.fused_decode = None
     modules = _generate(llm, prompts)
     assert fused == modules
+
+
+def test_int8_stays_close_to_bf16_on_the_default_model():
+    """Weight-only int8 (per-row scales) moves the default model's logprobs only a little: the
+    chosen tokens' logprobs under bf16 and int8 weights, on the same (bf16-greedy) text."""
+    from ember import LLM
+    prompts = ["The capital of France is", "Water boils at", "def add(a, b):",
+               "The three primary colors are"]
+    bf16 = LLM(dtype="bfloat16")
+    ref = bf16.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+                        use_tqdm=False)
+    texts = [p + o.outputs[0].text for p, o in zip(prompts, ref)]
+    del bf16
+    scores = {}
+    for quant in (None, "int8"):
+        llm = LLM(dtype="bfloat16", quantization=quant, enable_prefix_caching=False)
+        ids = [llm.get_tokenizer().encode(t) for t in texts]
+        # score each text by decoding its own tokens: teacher-forced logprobs of the next token
+        outs = llm.generate([{"prompt_token_ids": i[:-1]} for i in ids],
+                            SamplingParams(max_tokens=1, temperature=0, logprobs=20),
+                            use_tqdm=False)
+        scores[quant] = [o.outputs[0].logprobs[0] for o in outs]
+        del llm
+    drift = []
+    for a, b in zip(scores[None], scores["int8"]):
+        common = set(a) & set(b)
+        assert len(common) >= 10                     # the same candidates rank near the top
+        drift += [abs(a[t].logprob - b[t].logprob) for t in common]
+    assert sum(drift) / len(drift) < 0.25

@@ -82,14 +82,29 @@ template <typename T> static inline __m512 vround(__m512 v) {
 #if defined(__AVX512BF16__)
 constexpr int MR = 12;
 
-template <int R>
-static inline void gemm_tile(const bf16* x, int64_t ldx, const bf16* panel, int64_t K,
-                             const bf16* bias, bf16* y, int64_t ldy) {
+// one pair of inputs × 32 outputs of a packed panel, as two vectors of bf16 pairs. int8 weights
+// (weight-only quantization, one scale per output applied after the sum) convert exactly to bf16.
+static inline void load_pairs(const bf16* panel, int64_t kp, __m512bh& b0, __m512bh& b1) {
+    b0 = (__m512bh)_mm512_loadu_si512(panel + kp * 64);
+    b1 = (__m512bh)_mm512_loadu_si512(panel + kp * 64 + 32);
+}
+static inline __m512 int8x16_to_f32(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+static inline void load_pairs(const int8_t* panel, int64_t kp, __m512bh& b0, __m512bh& b1) {
+    const int8_t* p = panel + kp * 64;
+    b0 = _mm512_cvtne2ps_pbh(int8x16_to_f32(p + 16), int8x16_to_f32(p));
+    b1 = _mm512_cvtne2ps_pbh(int8x16_to_f32(p + 48), int8x16_to_f32(p + 32));
+}
+
+template <int R, typename W>
+static inline void gemm_tile(const bf16* x, int64_t ldx, const W* panel, int64_t K,
+                             const float* scale, const bf16* bias, bf16* y, int64_t ldy) {
     __m512 acc[R][2];
     for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     for (int64_t kp = 0; kp < K / 2; kp++) {
-        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(panel + kp * 64);
-        const __m512bh b1 = (__m512bh)_mm512_loadu_si512(panel + kp * 64 + 32);
+        __m512bh b0, b1;
+        load_pairs(panel, kp, b0, b1);
         for (int i = 0; i < R; i++) {
             int32_t pair;
             std::memcpy(&pair, x + i * ldx + 2 * kp, 4);
@@ -98,25 +113,46 @@ static inline void gemm_tile(const bf16* x, int64_t ldx, const bf16* panel, int6
             acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, b1);
         }
     }
+    const __m512 s_lo = scale ? _mm512_loadu_ps(scale) : _mm512_set1_ps(1.f);
+    const __m512 s_hi = scale ? _mm512_loadu_ps(scale + 16) : _mm512_set1_ps(1.f);
     const __m512 b_lo = bias ? load16(bias) : _mm512_setzero_ps();
     const __m512 b_hi = bias ? load16(bias + 16) : _mm512_setzero_ps();
     for (int i = 0; i < R; i++) {
-        store16(y + i * ldy, _mm512_add_ps(acc[i][0], b_lo));
-        store16(y + i * ldy + 16, _mm512_add_ps(acc[i][1], b_hi));
+        store16(y + i * ldy, _mm512_fmadd_ps(acc[i][0], s_lo, b_lo));
+        store16(y + i * ldy + 16, _mm512_fmadd_ps(acc[i][1], s_hi, b_hi));
     }
 }
 
-static void gemm_rows(const bf16* x, int64_t ldx, int64_t rows, const bf16* panel, int64_t K,
-                      const bf16* bias, bf16* y, int64_t ldy) {
+template <typename W>
+static void gemm_rows(const bf16* x, int64_t ldx, int64_t rows, const W* panel, int64_t K,
+                      const float* scale, const bf16* bias, bf16* y, int64_t ldy) {
     int64_t i = 0;
-    for (; i + MR <= rows; i += MR) gemm_tile<MR>(x + i * ldx, ldx, panel, K, bias, y + i * ldy, ldy);
+    for (; i + MR <= rows; i += MR)
+        gemm_tile<MR>(x + i * ldx, ldx, panel, K, scale, bias, y + i * ldy, ldy);
     x += i * ldx;
     y += i * ldy;
     switch (rows - i) {
-#define TAIL(r) case r: gemm_tile<r>(x, ldx, panel, K, bias, y, ldy); break;
+#define TAIL(r) case r: gemm_tile<r>(x, ldx, panel, K, scale, bias, y, ldy); break;
         TAIL(1) TAIL(2) TAIL(3) TAIL(4) TAIL(5) TAIL(6) TAIL(7) TAIL(8) TAIL(9) TAIL(10) TAIL(11)
 #undef TAIL
     }
+}
+
+// Rows are cut in blocks of ROW_BLOCK (so that a block of x stays in L2 while the panels stream
+// by); threads share (row block, panel) pairs.
+template <typename W>
+static void linear_impl(const bf16* x, int64_t ldx, const W* packed, const float* scales,
+                        const bf16* bias, bf16* y, int64_t ldy, int64_t M, int64_t N, int64_t K) {
+    constexpr int64_t ROW_BLOCK = 16 * MR;
+    const int64_t panels = N / 32, row_blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
+    #pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t rb = 0; rb < row_blocks; rb++)
+        for (int64_t p = 0; p < panels; p++) {
+            const int64_t m0 = rb * ROW_BLOCK, rows = std::min(ROW_BLOCK, M - m0);
+            gemm_rows(x + m0 * ldx, ldx, rows, packed + p * K * 32, K,
+                      scales ? scales + p * 32 : nullptr, bias ? bias + p * 32 : nullptr,
+                      y + m0 * ldy + p * 32, ldy);
+        }
 }
 #endif
 
@@ -140,20 +176,20 @@ extern "C" void ember_pack_bf16(const bf16* w, bf16* packed, int64_t N, int64_t 
             }
 }
 
-// Rows are cut in blocks of ROW_BLOCK (so that a block of x stays in L2 while the panels stream
-// by); threads share (row block, panel) pairs.
+// bf16 weights packed by ember_pack_bf16; int8 weights packed the same way (one byte each), with
+// one fp32 scale per output: y = (x · q) · scale + b.
 extern "C" void ember_linear_bf16(const bf16* x, int64_t ldx, const bf16* packed, const bf16* bias,
                                   bf16* y, int64_t ldy, int64_t M, int64_t N, int64_t K) {
 #if defined(__AVX512BF16__)
-    constexpr int64_t ROW_BLOCK = 16 * MR;
-    const int64_t panels = N / 32, row_blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
-    #pragma omp parallel for collapse(2) schedule(static)
-    for (int64_t rb = 0; rb < row_blocks; rb++)
-        for (int64_t p = 0; p < panels; p++) {
-            const int64_t m0 = rb * ROW_BLOCK, rows = std::min(ROW_BLOCK, M - m0);
-            gemm_rows(x + m0 * ldx, ldx, rows, packed + p * K * 32, K, bias ? bias + p * 32 : nullptr,
-                      y + m0 * ldy + p * 32, ldy);
-        }
+    linear_impl(x, ldx, packed, nullptr, bias, y, ldy, M, N, K);
+#endif
+}
+
+extern "C" void ember_linear_w8(const bf16* x, int64_t ldx, const int8_t* packed,
+                                const float* scales, const bf16* bias, bf16* y, int64_t ldy,
+                                int64_t M, int64_t N, int64_t K) {
+#if defined(__AVX512BF16__)
+    linear_impl(x, ldx, packed, scales, bias, y, ldy, M, N, K);
 #endif
 }
 
@@ -394,11 +430,20 @@ extern "C" void ember_paged_decode(int dtype, const void* q, int64_t ldq, const 
 // embeddings on entry and the last layer's output on return; residual [B, H] the running sum.
 struct LayerWeights {              // filled by ember/kernels/cpu/llama_decode.py
     const bf16 *input_norm, *post_norm;        // [H]
-    const bf16 *qkv, *qkv_bias;                // packed [Q + 2·KV, H]; bias [Q + 2·KV] or null
+    const void *qkv;                           // packed [Q + 2·KV, H]
+    const bf16 *qkv_bias;                      // [Q + 2·KV] or null
     const bf16 *q_norm, *k_norm;               // [D] or null (Qwen3's per-head norms)
-    const bf16 *o, *gate_up, *down;            // packed [H, Q], [2·I, H], [H, I]
+    const void *o, *gate_up, *down;            // packed [H, Q], [2·I, H], [H, I]
+    const float *qkv_scale, *o_scale, *gate_up_scale, *down_scale;   // int8 weights, else null
     bf16* kv_cache;                            // [2, HK, num_blocks, block_size, D]
 };
+
+// a packed linear of either weight kind: int8 when it has scales
+static void packed_linear(const bf16* x, int64_t ldx, const void* w, const float* scale,
+                          const bf16* bias, bf16* y, int64_t ldy, int64_t M, int64_t N, int64_t K) {
+    if (scale) ember_linear_w8(x, ldx, (const int8_t*)w, scale, bias, y, ldy, M, N, K);
+    else ember_linear_bf16(x, ldx, (const bf16*)w, bias, y, ldy, M, N, K);
+}
 
 struct DecodeShape {
     int64_t hidden, heads, kv_heads, head_dim, inter, num_blocks, block_size, window;
@@ -423,7 +468,7 @@ extern "C" void ember_decode_layers(const LayerWeights* layers, int64_t num_laye
         } else {
             rms_norm_impl<bf16>(x, residual, residual, w.input_norm, h, B, H, s->eps);
         }
-        ember_linear_bf16(h, H, w.qkv, w.qkv_bias, qkv, QKV, B, QKV, H);
+        packed_linear(h, H, w.qkv, w.qkv_scale, w.qkv_bias, qkv, QKV, B, QKV, H);
         if (w.q_norm) {                // in place, head by head: each head's D values are a row
             for (int64_t t = 0; t < B; t++) {
                 rms_norm_impl<bf16>(qkv + t * QKV, nullptr, nullptr, w.q_norm, qkv + t * QKV,
@@ -438,11 +483,11 @@ extern "C" void ember_decode_layers(const LayerWeights* layers, int64_t num_laye
                        s->num_blocks * s->block_size, D);
         paged_decode_impl<bf16>(q, Q, w.kv_cache, tables, max_blocks, ctx_lens, attn, B, s->heads,
                                 s->kv_heads, s->num_blocks, s->block_size, D, s->scale, s->window);
-        ember_linear_bf16(attn, Q, w.o, nullptr, x, H, B, H, Q);
+        packed_linear(attn, Q, w.o, w.o_scale, nullptr, x, H, B, H, Q);
         rms_norm_impl<bf16>(x, residual, residual, w.post_norm, h, B, H, s->eps);
-        ember_linear_bf16(h, H, w.gate_up, nullptr, gu, 2 * I, B, 2 * I, H);
+        packed_linear(h, H, w.gate_up, w.gate_up_scale, nullptr, gu, 2 * I, B, 2 * I, H);
         silu_mul_impl<bf16>(gu, act, B, I);
-        ember_linear_bf16(act, I, w.down, nullptr, x, H, B, H, I);
+        packed_linear(act, I, w.down, w.down_scale, nullptr, x, H, B, H, I);
     }
     delete[] h; delete[] qkv; delete[] q; delete[] k; delete[] attn; delete[] gu; delete[] act;
 }

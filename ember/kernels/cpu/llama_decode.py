@@ -19,7 +19,8 @@ _P = ctypes.c_void_p
 
 class _LayerWeights(ctypes.Structure):
     _fields_ = [(name, _P) for name in ("input_norm", "post_norm", "qkv", "qkv_bias", "q_norm",
-                                        "k_norm", "o", "gate_up", "down", "kv_cache")]
+                                        "k_norm", "o", "gate_up", "down", "qkv_scale", "o_scale",
+                                        "gate_up_scale", "down_scale", "kv_cache")]
 
 
 class _DecodeShape(ctypes.Structure):
@@ -77,6 +78,9 @@ class FusedLlamaDecode:
                 entry.k_norm = _ptr(a.k_norm.weight if a.k_norm is not None else None)
                 entry.o, entry.gate_up = a.o_proj.packed.data_ptr(), m.gate_up_proj.packed.data_ptr()
                 entry.down, entry.kv_cache = m.down_proj.packed.data_ptr(), cache.data_ptr()
+                entry.qkv_scale, entry.o_scale = _ptr(a.qkv_proj.scales), _ptr(a.o_proj.scales)
+                entry.gate_up_scale = _ptr(m.gate_up_proj.scales)
+                entry.down_scale = _ptr(m.down_proj.scales)
             self._layers, self._cache_key = layers, key
             a, cache = self.model.layers[0].self_attn, kv_caches[0]
             self._shape = _DecodeShape(
