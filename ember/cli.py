@@ -33,13 +33,16 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache size: bytes ('2GiB') or a fraction of free memory ('0.5')")
     p.add_argument("--no-prefix-cache", action="store_true", help="disable prefix caching")
     p.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling")
+    p.add_argument("--quantization", choices=["int8"],
+                   help="weight-only int8 on the CPU kernels (bf16 activations)")
 
 
 def _engine_options(args) -> dict:
     opts = {"dtype": args.dtype, "max_model_len": args.max_model_len,
             "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
             "kv_cache_memory": args.kv_cache_memory,
-            "enable_prefix_caching": not args.no_prefix_cache, "seed": args.seed}
+            "enable_prefix_caching": not args.no_prefix_cache, "seed": args.seed,
+            "quantization": args.quantization}
     return {k: v for k, v in opts.items() if v is not None}   # unset: the engine's defaults
 
 

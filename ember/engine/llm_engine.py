@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,20 @@ class EngineStats:
     prompt_tokens_computed: int = 0     # prompt tokens that went through the model (not reused)
 
 
+_BACKGROUND = ThreadPoolExecutor(1, thread_name_prefix="ember-load")
+
+
+def _check_quantization(quantization: str | None, device: torch.device, dtype: torch.dtype) -> None:
+    if quantization is None:
+        return
+    if quantization != "int8":
+        raise ValueError(f"unknown quantization {quantization!r}; ember has: int8")
+    from ember.kernels import cpu
+    if device.type != "cpu" or dtype != torch.bfloat16 or not cpu.has_linear_bf16():
+        raise ValueError("quantization='int8' (weight-only) runs on ember's CPU kernels: it needs "
+                         "dtype bfloat16 on a CPU with AVX-512 BF16")
+
+
 class LLMEngine:
     def __init__(self, model: str | None = None, *, dtype: str | torch.dtype | None = "auto",
                  device: str | torch.device | None = None, max_model_len: int | None = None,
@@ -42,13 +57,15 @@ class LLMEngine:
                  block_size: int = 16, kv_cache_memory: int | float | None = None,
                  enable_prefix_caching: bool = True, scheduling_policy: str | None = None,
                  attention_backend: str = "auto", seed: int = 0,
-                 enforce_eager: bool = False) -> None:
+                 enforce_eager: bool = False, quantization: str | None = None) -> None:
         t0 = time.perf_counter()
         device = torch.device(device) if device is not None else platforms.default_device()
         dtype = platforms.resolve_dtype(dtype, device)
+        _check_quantization(quantization, device, dtype)
         self.source = resolve_model(model)
         model_cfg, weights, total = load_checkpoint(self.source)
-        self.tokenizer = Tokenizer.load(self.source, model_cfg.eos_token_ids)
+        # the tokenizer (importing transformers takes a second) loads while the weights do
+        tokenizer_loading = _BACKGROUND.submit(Tokenizer.load, self.source, model_cfg.eos_token_ids)
         max_len = max_model_len or model_cfg.max_position_embeddings
         backend = get_backend(attention_backend, device=device, num_heads=model_cfg.num_heads,
                               num_kv_heads=model_cfg.num_kv_heads, head_dim=model_cfg.head_dim,
@@ -61,7 +78,8 @@ class LLMEngine:
                            device, dtype, seed, enforce_eager)
         self._check_options(cfg)                    # before the slow part
         self.model = build_model(model_cfg, weights, total, backend, max_len, device, dtype,
-                                 desc=f"loading {self.source.name}")
+                                 desc=f"loading {self.source.name}", quantization=quantization)
+        self.tokenizer = tokenizer_loading.result()
         num_blocks = self._num_blocks(cfg)
         if num_blocks * block_size < max_len:
             log.warning("KV cache holds %d tokens < max_model_len %d: capping max_model_len",
@@ -181,11 +199,12 @@ class LLMEngine:
                           self.tokenizer.eos_token_ids, self.config.scheduler.max_model_len,
                           parent=parent, generator=gen)
             parent = parent or req
-            seq = SequenceState(req, i, IncrementalDetokenizer(self.tokenizer, ids,
-                                                               sp.skip_special_tokens))
-            state.seqs.append(seq)
-            self._seqs[req.request_id] = (state, seq)
-            self.scheduler.add(req)
+            state.seqs.append(SequenceState(req, i, IncrementalDetokenizer(
+                self.tokenizer, ids, sp.skip_special_tokens)))
+        # registered only once every sibling was built: a failure above leaves nothing behind
+        for seq in state.seqs:
+            self._seqs[seq.request.request_id] = (state, seq)
+            self.scheduler.add(seq.request)
         self.states[rid] = state
         return rid
 

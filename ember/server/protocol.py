@@ -20,7 +20,7 @@ from ember.sampling_params import SamplingParams
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 256
-Int64 = int
+Int64 = Annotated[int, Field(ge=-(1 << 63), le=(1 << 63) - 1)]
 
 
 class _Strict(BaseModel):

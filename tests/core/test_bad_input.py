@@ -167,3 +167,28 @@ def test_abort_mid_prefill_and_mid_decode_frees_everything(llm, assert_engine_id
     for rid in (decoding, long_prompt, siblings, "no-such-request"):
         engine.abort_request(rid)
     assert_engine_idle(llm)
+
+
+def test_a_failing_sibling_leaves_no_partial_request(llm, monkeypatch, assert_engine_idle):
+    """n > 1: if building the k-th sibling fails, none of the earlier ones stays registered (the
+    next step would otherwise meet a half-built request)."""
+    from ember.engine import llm_engine as le
+    engine = llm.engine
+    made = []
+    real = le.IncrementalDetokenizer
+
+    def flaky(*args, **kwargs):
+        if len(made) == 2:
+            raise RuntimeError("sibling 3 fails")
+        made.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(le, "IncrementalDetokenizer", flaky)
+    with pytest.raises(RuntimeError):
+        engine.add_request("Hello", SamplingParams(n=4, max_tokens=2))
+    monkeypatch.setattr(le, "IncrementalDetokenizer", real)
+    assert not engine.states and not engine.has_unfinished_requests()
+    engine.add_request("Hello", SamplingParams(n=2, max_tokens=2))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_engine_idle(llm)

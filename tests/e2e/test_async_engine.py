@@ -21,10 +21,12 @@ class ScriptedEngine:
 
     def __init__(self) -> None:
         self.config = SimpleNamespace(scheduler=SimpleNamespace(max_model_len=64))
-        self.kv = SimpleNamespace(prefix_cache=None, usage=0.0)
+        self.kv = SimpleNamespace(prefix_cache=None, usage=0.0, num_blocks=8,
+                                  pool=SimpleNamespace(num_free=8))
         self.stats = EngineStats()
         self.scheduler = SimpleNamespace(running=[], waiting=[])
         self.requests: dict[str, tuple[SamplingParams, list[int]]] = {}
+        self.states = self.requests
         self.aborted: list[str] = []
         self.fail_next_step = False
         self.polls = 0
