@@ -1,12 +1,14 @@
 """Fused ops for the hot path, each with its torch reference beside it.
 
 Layers call these instead of chains of small torch ops. On a CPU where ember's kernels built
-(ember/kernels/cpu), fp32 and bf16 tensors go through one kernel call each; everywhere else (other
+(ember/kernels/cpu), fp32 and bf16 tensors go through one kernel call each; CUDA tensors go to the
+Triton fusions of ember/kernels/triton_cuda.py where triton imports; everywhere else (other
 devices, other dtypes, no compiler) the torch code below runs, and it is what tests compare with.
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,20 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+@functools.cache
+def _triton_fusions():
+    try:
+        from ember.kernels import triton_cuda
+    except ImportError:
+        return None
+    return triton_cuda
+
+
+def gpu_kernels(t: torch.Tensor):
+    """The Triton fusions (ember/kernels/triton_cuda.py) when they can serve this tensor."""
+    return _triton_fusions() if t.device.type == "cuda" else None
 
 
 def cpu_kernels(t: torch.Tensor) -> ctypes.CDLL | None:
@@ -81,6 +97,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None):
     """RMSNorm in fp32, optionally fused with the residual add: returns out, or (out, x + residual)."""
+    if (gpu := gpu_kernels(x)) is not None:
+        return gpu.rms_norm(x, weight, eps, residual)
     lib = cpu_kernels(x)
     if lib is not None and weight.dtype == x.dtype and x.is_contiguous() and x.shape[-1] % 16 == 0 and (
             residual is None or (residual.is_contiguous() and residual.dtype == x.dtype)):
@@ -102,6 +120,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [T, 2I] → silu(gate) · up [T, I]."""
+    if (gpu := gpu_kernels(gate_up)) is not None:
+        return gpu.silu_and_mul(gate_up)
     lib = cpu_kernels(gate_up)
     inter = gate_up.shape[-1] // 2
     if lib is not None and gate_up.is_contiguous() and inter % 16 == 0:
@@ -115,7 +135,10 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor):
     """Neox-style rotary embedding of q [T, H, D] and k [T, Hkv, D] (views are fine); cos_sin
-    [max_pos, D] is (cos | sin). Returns new tensors."""
+    [max_pos, D] is (cos | sin). Returns the rotated q and k: new tensors on the CPU, q and k
+    themselves rotated in place on CUDA (callers pass fresh views and use only the results)."""
+    if (gpu := gpu_kernels(q)) is not None:
+        return gpu.rotary(positions, q, k, cos_sin)
     lib = cpu_kernels(q)
     d = q.shape[-1]
     if (lib is not None and d % 32 == 0 and k.dtype == q.dtype == cos_sin.dtype

@@ -27,8 +27,8 @@ class ModelSource:
 
 
 def resolve_model(model: str | None) -> ModelSource:
-    from ember.models.gguf_loader import default_gguf_path
-    if model is None:
+    if model is None:        # gguf_loader imports `gguf`: only where a GGUF is involved
+        from ember.models.gguf_loader import default_gguf_path
         return ModelSource("gguf", default_gguf_path(), "SmolLM2-135M-Instruct")
     path = os.path.expanduser(model)
     if os.path.isfile(path):

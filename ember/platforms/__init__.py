@@ -49,11 +49,6 @@ def capture_graph(device: torch.device, fn, pool):
     return cuda.capture(fn, pool)
 
 
-def empty_cache(device: torch.device) -> None:
-    if device.type != "cpu":
-        torch.accelerator.empty_cache()
-
-
 def available_memory(device: torch.device) -> int:
     """Bytes free for the KV cache on this device right now."""
     if device.type == "cpu":
