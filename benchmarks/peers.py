@@ -31,7 +31,10 @@ SHARED = REPO.parent / "shared"
 LOADGEN = SHARED / "loadgen.py"
 TOKENIZER = SHARED / "models" / "smollm2-135m-instruct-tokenizer"
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
-ENGINES = ("ember", "vllm", "llamacpp")
+ENGINES = ("ember", "vllm", "llamacpp", "ember-int8", "llamacpp-q4")
+DEFAULT_ENGINES = ("ember", "vllm", "llamacpp")
+# ember-int8: weight-only int8 (--quantization int8); llamacpp-q4: llama-server on the original
+# Q4_1 GGUF. The quantized pair is compared with each other, bf16 engines with each other.
 W1_SEED, W2_SEED = 11, 21           # distinct prompts per run: the prefix caches must not hit
 LLAMACPP_EXTRA = '{"min_tokens":128,"repeat_penalty":1.0}'   # llama-server ignores ignore_eos
 
@@ -158,7 +161,8 @@ def setup_gguf_bf16(p: Paths) -> None:
 
 
 def setup(p: Paths, engines) -> None:
-    steps = {"vllm": (setup_vllm, setup_hf_folder), "llamacpp": (setup_llama_server, setup_gguf_bf16)}
+    steps = {"vllm": (setup_vllm, setup_hf_folder), "llamacpp": (setup_llama_server, setup_gguf_bf16),
+             "llamacpp-q4": (setup_llama_server,)}
     for step in (s for e in engines for s in steps.get(e, ())):
         step(p)
 
@@ -176,12 +180,15 @@ def server_command(engine: str, p: Paths, port: int) -> tuple[list, dict]:
     host = ["--host", "127.0.0.1", "--port", str(port)]
     if engine == "ember":
         return [sys.executable, "-m", "ember.cli", "serve", *host], env
+    if engine == "ember-int8":
+        return [sys.executable, "-m", "ember.cli", "serve", "--quantization", "int8", *host], env
     if engine == "vllm":
         env.update(VLLM_CPU_OMP_THREADS_BIND="0-1", VLLM_CPU_NUM_OF_RESERVED_CPU="0",
                    VLLM_CPU_KVCACHE_SPACE="4")
         return [str(p.vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model",
                 str(p.hf_dir), "--dtype", "bfloat16", "--max-model-len", "2048", *host], env
-    return [str(p.llama_server), "-m", str(p.gguf_bf16), *host, "-t", "2", "-tb", "2",
+    gguf = default_gguf() if engine == "llamacpp-q4" else p.gguf_bf16
+    return [str(p.llama_server), "-m", str(gguf), *host, "-t", "2", "-tb", "2",
             "-c", "24576", "-np", "64", "-cb"], env
 
 
@@ -286,7 +293,7 @@ def bench_engine(engine: str, p: Paths, args) -> dict:
         wait_first_token(base, proc, args.start_timeout)
         startup = time.perf_counter() - t0
         log(f"{engine}: first token after {startup:.1f} s")
-        extra = LLAMACPP_EXTRA if engine == "llamacpp" else None
+        extra = LLAMACPP_EXTRA if engine.startswith("llamacpp") else None
         w1 = loadgen(base, f"{engine}-W1", args.w1_requests, 0, W1_SEED, extra, args.run_timeout)
         w2 = loadgen(base, f"{engine}-W2", args.w2_requests, 1, W2_SEED, extra, args.run_timeout)
     finally:
@@ -314,16 +321,19 @@ METRICS = [  # (label, getter, higher is better)
 
 def table(results: dict) -> str:
     engines = list(results)
-    peers = [e for e in engines if e != "ember"] if "ember" in results else []
-    head = ["metric", *engines, *[f"ember/{e}" for e in peers]]
+    # (ember engine, peer): bf16 against bf16 peers, int8 against the 4-bit llama.cpp file
+    pairs = [(ours, e) for ours, peers in (("ember", ("vllm", "llamacpp")),
+                                           ("ember-int8", ("llamacpp-q4",)))
+             if ours in results for e in peers if e in results]
+    head = ["metric", *engines, *[f"{a}/{b}" for a, b in pairs]]
     rows = []
     for label, get, higher in METRICS:
         vals = {e: get(results[e]) for e in engines}
         row = [label + (" (higher better)" if higher else "")]
         row += [f"{vals[e]:,.1f}" if vals[e] is not None else "-" for e in engines]
-        for e in peers:
-            ok = vals["ember"] is not None and vals[e]
-            row.append(f"{vals['ember'] / vals[e]:.2f}x" if ok else "-")
+        for a, b in pairs:
+            ok = vals[a] is not None and vals[b]
+            row.append(f"{vals[a] / vals[b]:.2f}x" if ok else "-")
         rows.append(row)
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
@@ -333,7 +343,8 @@ def table(results: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset")
+    ap.add_argument("--engines", default=",".join(DEFAULT_ENGINES),
+                    help=f"comma-separated, from {', '.join(ENGINES)}")
     ap.add_argument("--cache-dir", type=Path, default=Path("bench_cache"))
     ap.add_argument("--skip-setup", action="store_true", help="assume the cache is complete")
     ap.add_argument("--setup-only", action="store_true", help="set up the peers, run nothing")
