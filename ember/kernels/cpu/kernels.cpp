@@ -139,15 +139,16 @@ static void gemm_rows(const bf16* x, int64_t ldx, int64_t rows, const W* panel, 
 }
 
 // Rows are cut in blocks of ROW_BLOCK (so that a block of x stays in L2 while the panels stream
-// by); threads share (row block, panel) pairs.
+// by); threads share (panel, row block) pairs, panels outermost so that each thread gets its
+// share of every row block (a short last block would otherwise load one thread only).
 template <typename W>
 static void linear_impl(const bf16* x, int64_t ldx, const W* packed, const float* scales,
                         const bf16* bias, bf16* y, int64_t ldy, int64_t M, int64_t N, int64_t K) {
     constexpr int64_t ROW_BLOCK = 16 * MR;
     const int64_t panels = N / 32, row_blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
     #pragma omp parallel for collapse(2) schedule(static)
-    for (int64_t rb = 0; rb < row_blocks; rb++)
-        for (int64_t p = 0; p < panels; p++) {
+    for (int64_t p = 0; p < panels; p++)
+        for (int64_t rb = 0; rb < row_blocks; rb++) {
             const int64_t m0 = rb * ROW_BLOCK, rows = std::min(ROW_BLOCK, M - m0);
             gemm_rows(x + m0 * ldx, ldx, rows, packed + p * K * 32, K,
                       scales ? scales + p * 32 : nullptr, bias ? bias + p * 32 : nullptr,
