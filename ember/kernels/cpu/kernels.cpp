@@ -146,7 +146,10 @@ static void linear_impl(const bf16* x, int64_t ldx, const W* packed, const float
                         const bf16* bias, bf16* y, int64_t ldy, int64_t M, int64_t N, int64_t K) {
     constexpr int64_t ROW_BLOCK = 16 * MR;
     const int64_t panels = N / 32, row_blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
-    #pragma omp parallel for collapse(2) schedule(static)
+    // guided: large contiguous shares first (one weight stream per thread), then small ones, so
+    // that a thread the OS takes away for a moment (the HTTP loop, a client) is covered by the
+    // others instead of holding up the step
+    #pragma omp parallel for collapse(2) schedule(guided)
     for (int64_t p = 0; p < panels; p++)
         for (int64_t rb = 0; rb < row_blocks; rb++) {
             const int64_t m0 = rb * ROW_BLOCK, rows = std::min(ROW_BLOCK, M - m0);
