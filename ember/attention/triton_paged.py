@@ -55,6 +55,29 @@ def _write_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_kh, stri
 
 
 @triton.jit
+def _load_kv_tile(kc_ptr, vc_ptr, table, kv_off, n, valid, d, BLOCK_SIZE: tl.constexpr,
+                  D: tl.constexpr):
+    """Keys and values [len(n), D] of token positions n, read through the block table."""
+    page = tl.load(table + n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    offs = (page * (BLOCK_SIZE * D) + (n % BLOCK_SIZE) * D + kv_off)[:, None] + d[None, :]
+    k = tl.load(kc_ptr + offs, mask=valid[:, None], other=0.0)
+    v = tl.load(vc_ptr + offs, mask=valid[:, None], other=0.0)
+    return k, v
+
+
+@triton.jit
+def _softmax_step(sc, v, m, l, acc, PREC: tl.constexpr):
+    """One tile of online softmax in base 2: scores sc [R, N] and values v [N, D] folded into the
+    running max m [R], sum l [R] and output acc [R, D]."""
+    m_new = tl.maximum(m, tl.max(sc, 1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(sc - m_new[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l, acc
+
+
+@triton.jit
 def _decode(q_ptr, kc_ptr, vc_ptr, tables_ptr, ctx_ptr, out_ptr, part_ptr, ml_ptr,
             qk_scale, window, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_ch,
             G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -82,18 +105,10 @@ def _decode(q_ptr, kc_ptr, vc_ptr, tables_ptr, ctx_ptr, out_ptr, part_ptr, ml_pt
     for n0 in range(lo, hi, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         valid = n < hi
-        page = tl.load(table + n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        offs = (page * (BLOCK_SIZE * D) + (n % BLOCK_SIZE) * D + kv_off)[:, None] + d[None, :]
-        k = tl.load(kc_ptr + offs, mask=valid[:, None], other=0.0)       # [BLOCK_N, D]
-        v = tl.load(vc_ptr + offs, mask=valid[:, None], other=0.0)
+        k, v = _load_kv_tile(kc_ptr, vc_ptr, table, kv_off, n, valid, d, BLOCK_SIZE, D)
         sc = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale     # [G_PAD, BLOCK_N]
         sc = tl.where(valid[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m, tl.max(sc, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(sc - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m = m_new
+        m, l, acc = _softmax_step(sc, v, m, l, acc, PREC)
     gmask = g[:, None] < G
     if SPLIT:
         # partials [B, H, S, D] and (max, sum) [B, H, S, 2]
@@ -157,21 +172,13 @@ def _prefill(q_ptr, kc_ptr, vc_ptr, tables_ptr, ctx_ptr, qstart_ptr, out_ptr, qk
     for n0 in range(lo, hi, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         valid = n < hi
-        page = tl.load(table + n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        offs = (page * (BLOCK_SIZE * D) + (n % BLOCK_SIZE) * D + kv_off)[:, None] + d[None, :]
-        k = tl.load(kc_ptr + offs, mask=valid[:, None], other=0.0)
-        v = tl.load(vc_ptr + offs, mask=valid[:, None], other=0.0)
+        k, v = _load_kv_tile(kc_ptr, vc_ptr, table, kv_off, n, valid, d, BLOCK_SIZE, D)
         sc = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale      # [BLOCK_M, BLOCK_N]
         keep = valid[None, :] & (n[None, :] <= q_pos[:, None])
         if HAS_WINDOW:
             keep &= n[None, :] > q_pos[:, None] - window
         sc = tl.where(keep, sc, float("-inf"))
-        m_new = tl.maximum(m, tl.max(sc, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(sc - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m = m_new
+        m, l, acc = _softmax_step(sc, v, m, l, acc, PREC)
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     tl.store(out_ptr + (q0 + i)[:, None].to(tl.int64) * stride_ot + h * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=rows[:, None])

@@ -44,17 +44,9 @@ def backend_cls():
 
 
 def _dense(q, k, v, start, scale, window):
-    """q [Q, H, D] at positions start.. ; k, v [L, Hkv, D] at 0..L-1 → [Q, H, D] in float64."""
-    q, k, v = q.double(), k.double(), v.double()
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
-    qpos = torch.arange(start, start + q.shape[0])[:, None]
-    kpos = torch.arange(k.shape[0])[None, :]
-    allowed = kpos <= qpos
-    if window is not None:
-        allowed &= kpos > qpos - window
-    return torch.einsum("hqk,khd->qhd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), v)
+    """The float64 dense reference of test_layers.py (pytest puts this folder on sys.path)."""
+    from test_layers import _dense_reference
+    return _dense_reference(q, k, v, start, scale, window)
 
 
 def _layout(seqs, block_size):
