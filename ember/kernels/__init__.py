@@ -17,6 +17,7 @@ from ember.kernels import cpu
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -48,16 +49,17 @@ def _linear_kernel_takes(weight: torch.Tensor) -> bool:
             and k % 2 == 0 and cpu.has_linear_bf16())
 
 
+def _pack(w: torch.Tensor) -> torch.Tensor:
+    """[N, K] → [N/32][K/2][32][2], flat: for each pair of inputs, 32 outputs side by side."""
+    n, k = w.shape
+    return w.reshape(n // 32, 32, k // 2, 2).permute(0, 2, 1, 3).contiguous().view(-1)
+
+
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """The layout ember's bf16 linear kernel reads ([N/32][K/2][32][2]), or None where that kernel
-    does not serve this weight (other device or dtype, shapes, no AVX-512 BF16). A copy: the
-    caller keeps `weight` for everything else (tied embeddings, weight updates, the torch path)."""
-    if not _linear_kernel_takes(weight):
-        return None
-    n, k = weight.shape
-    packed = torch.empty(n * k, dtype=torch.bfloat16)
-    cpu.library().ember_pack_bf16(weight.contiguous().data_ptr(), packed.data_ptr(), n, k)
-    return packed
+    """The layout ember's bf16 linear kernel reads, or None where that kernel does not serve this
+    weight (other device or dtype, shapes, no AVX-512 BF16). A copy: the caller keeps `weight`
+    for everything else (tied embeddings, weight updates, the torch path)."""
+    return _pack(weight) if _linear_kernel_takes(weight) else None
 
 
 def quantize_linear_weight_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -69,9 +71,7 @@ def quantize_linear_weight_int8(weight: torch.Tensor) -> tuple[torch.Tensor, tor
     w = weight.float()
     scales = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)
     q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
-    n, k = q.shape
-    packed = q.view(n // 32, 32, k // 2, 2).permute(0, 2, 1, 3).contiguous().view(-1)
-    return packed, scales.contiguous()
+    return _pack(q), scales.contiguous()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -30,7 +30,6 @@ _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_f
 _SIGNATURES = {
     "ember_has_linear_bf16": ([], _I32),
     "ember_linear_bf16": ([_P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64], None),
-    "ember_pack_bf16": ([_P, _P, _I64, _I64], None),
     "ember_linear_w8": ([_P, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _I64], None),
     "ember_rms_norm": ([_I32, _P, _P, _P, _P, _P, _I64, _I64, _F32], None),
     "ember_rotary": ([_I32, _P, _I64, _P, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _I64], None),

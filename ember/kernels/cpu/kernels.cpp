@@ -5,12 +5,13 @@
 // and reproduces the roundings of the torch code it replaces: a value is rounded to the model's
 // dtype wherever the torch version materialises a tensor of that dtype.
 //
-//   linear_bf16   y = x·Wᵀ (+ b) for few rows (decode): AVX-512 BF16 dot products, W streamed once
-//   rms_norm      out = w · norm(x + residual), residual updated in place (fused add)
+//   linear_bf16   y = x·Wᵀ (+ b) over packed bf16 weights (linear_w8: int8 weights, row scales)
+//   rms_norm      out = w · norm(x + residual), the sum written for the next layer (fused add)
 //   rotary        neox-style rotation of q and k, cos|sin table indexed by position
 //   silu_mul      out = silu(gate) · up
 //   kv_write      new keys/values into their slots of the paged cache
 //   paged_decode  one query per sequence against its blocks, online softmax, GQA groups together
+//   decode_layers every layer of a Llama-family decode step, through the kernels above
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -73,7 +74,7 @@ template <typename T> static inline __m512 vround(__m512 v) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// linear_bf16: y[M, N] = x[M, K] · W[N, K]ᵀ + b, W packed once at load time (pack_bf16 below) as
+// linear_bf16: y[M, N] = x[M, K] · W[N, K]ᵀ + b, W packed once at load time (pack_linear_weight) as
 // [N/32][K/2][32][2]: for each pair of inputs, 32 outputs' weights side by side. One AVX-512 BF16
 // dot product then adds x[m, k]·W[n, k] + x[m, k+1]·W[n, k+1] for 16 outputs n at once, with the
 // pair (x[m, k], x[m, k+1]) broadcast. A tile is MR rows of x × 32 outputs (2·MR accumulators in
@@ -168,19 +169,8 @@ extern "C" int ember_has_linear_bf16() {
 #endif
 }
 
-// W [N, K] → [N/32][K/2][32][2]; N a multiple of 32, K even
-extern "C" void ember_pack_bf16(const bf16* w, bf16* packed, int64_t N, int64_t K) {
-    #pragma omp parallel for schedule(static)
-    for (int64_t nt = 0; nt < N / 32; nt++)
-        for (int64_t kp = 0; kp < K / 2; kp++)
-            for (int64_t j = 0; j < 32; j++) {
-                bf16* dst = packed + ((nt * (K / 2) + kp) * 32 + j) * 2;
-                dst[0] = w[(nt * 32 + j) * K + 2 * kp];
-                dst[1] = w[(nt * 32 + j) * K + 2 * kp + 1];
-            }
-}
-
-// bf16 weights packed by ember_pack_bf16; int8 weights packed the same way (one byte each), with
+// bf16 weights packed by kernels.pack_linear_weight ([N/32][K/2][32][2]); int8 weights packed the
+// same way (one byte each), with
 // one fp32 scale per output: y = (x · q) · scale + b.
 extern "C" void ember_linear_bf16(const bf16* x, int64_t ldx, const bf16* packed, const bf16* bias,
                                   bf16* y, int64_t ldy, int64_t M, int64_t N, int64_t K) {
