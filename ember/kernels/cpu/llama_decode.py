@@ -34,6 +34,10 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 class FusedLlamaDecode:
+    """Holds raw pointers to the model's weights (taken on first use) and KV caches (re-taken
+    when the caches change). Built by the model's post_load: anything that replaces weights must
+    go through post_load again, which packs them anew and builds a new FusedLlamaDecode."""
+
     def __init__(self, model) -> None:
         self.model = model
         self._layers = None            # built on first use: the KV caches come after the model
