@@ -38,21 +38,11 @@ def _generate(llm, prompts):
 @pytest.mark.parametrize("quantization", [None, "int8"])
 @pytest.mark.parametrize("case", ["llama", "qwen2-bias", "qwen3-qknorm", "mistral-window"])
 def test_fused_decode_equals_modules(case, quantization, tmp_path):
-    from transformers import AutoModelForCausalLM
+    from test_tiny_models import save_random_model   # pytest puts this folder on sys.path
 
     from ember import LLM
-    from ember.models.gguf_loader import default_gguf_path, load_gguf_tokenizer
 
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(_config(case), dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif name.endswith(".bias"):
-                p.copy_(0.3 * torch.randn_like(p))
-    hf.save_pretrained(tmp_path, safe_serialization=True)
-    load_gguf_tokenizer(default_gguf_path()).save_pretrained(tmp_path)
+    save_random_model(_config(case), str(tmp_path), seed=0)
 
     llm = LLM(str(tmp_path), dtype="bfloat16", enable_prefix_caching=False,
               quantization=quantization)

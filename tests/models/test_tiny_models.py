@@ -50,10 +50,15 @@ CASES = ["llama-tied", "llama-untied-llama3", "llama-linear", "qwen2-bias", "qwe
 
 
 def _build(case: str, folder: str):
+    return save_random_model(_configs()[case], folder, seed=CASES.index(case))
+
+
+def save_random_model(cfg, folder: str, seed: int):
+    """A random-weight transformers model of `cfg` saved as a HF folder ember loads (safetensors
+    beside the default model's tokenizer); returns the transformers model."""
     from transformers import AutoModelForCausalLM
 
-    cfg = _configs()[case]
-    torch.manual_seed(CASES.index(case))
+    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():
         # transformers initialises norms to 1 and biases to 0: a swapped or dropped norm weight
