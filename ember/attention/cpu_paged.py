@@ -16,9 +16,8 @@ import torch
 
 from ember.attention.base import BatchLayout
 from ember.attention.torch_ref import TorchAttentionBackend, TorchMetadata
-from ember.kernels import cpu_kernels
+from ember.kernels import cpu_kernels, kernel_dtype
 
-_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
 _HEAD_DIMS = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 256)   # compiled in (kernels.cpp)
 _MAX_BLOCK_SIZE, _MAX_GROUP = 16, 8
 
@@ -56,7 +55,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
         nd = meta.num_decode_tokens
         if nd:
             tables = meta.decode_tables
-            lib.ember_paged_decode(_DTYPE_CODE[q.dtype], q.data_ptr(), q.stride(0),
+            lib.ember_paged_decode(kernel_dtype(q.dtype), q.data_ptr(), q.stride(0),
                                    kv_cache.data_ptr(), tables.data_ptr(), tables.shape[1],
                                    meta.decode_ctx.data_ptr(), out.data_ptr(), nd,
                                    self.num_heads, hk, num_blocks, bs, d, self.scale,

@@ -15,7 +15,12 @@ import torch.nn.functional as F
 
 from ember.kernels import cpu
 
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_DTYPES = {torch.float32: cpu.DTYPE_CODES["float32"], torch.bfloat16: cpu.DTYPE_CODES["bfloat16"]}
+
+
+def kernel_dtype(dtype: torch.dtype) -> int:
+    """The code ember's CPU kernels take for a tensor dtype (fp32 or bf16)."""
+    return _DTYPES[dtype]
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -62,16 +67,18 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
     return _pack(weight) if _linear_kernel_takes(weight) else None
 
 
-def quantize_linear_weight_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def quantize_linear_weight_int8(weight: torch.Tensor
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Weight-only int8 for the CPU kernel: symmetric, one fp32 scale per output row
-    (q = round(w / s), s = max|w_row| / 127), packed like pack_linear_weight. None where the
-    kernel does not serve this weight."""
+    (q = round(w / s), s = max|w_row| / 127). Returns (q packed like pack_linear_weight, the
+    scales, q · s: the weight the kernel computes with), or None where the kernel does not serve
+    this weight."""
     if not _linear_kernel_takes(weight):
         return None
     w = weight.float()
     scales = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)
     q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
-    return _pack(q), scales.contiguous()
+    return _pack(q), scales.contiguous(), q.float() * scales[:, None]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -28,9 +28,7 @@ class PackedWeight:
         if quantization == "int8":
             quantized = kernels.quantize_linear_weight_int8(self.weight.data)
             if quantized is not None:
-                self.packed, self.scales = quantized
-                q = self.packed.view(-1, self.weight.shape[1] // 2, 32, 2).permute(0, 2, 1, 3)
-                dequantized = q.reshape(self.weight.shape).float() * self.scales[:, None]
+                self.packed, self.scales, dequantized = quantized
                 self.weight.data.copy_(dequantized)
                 return
         elif quantization is not None:

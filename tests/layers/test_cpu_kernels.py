@@ -134,11 +134,12 @@ def test_int8_linear_matches_its_dequantized_weight(m):
     g = torch.Generator().manual_seed(m)
     w = (torch.randn(96, 200, generator=g) / 14).bfloat16()
     w[3] = 0                                           # an all-zero row must not divide by zero
-    packed, scales = kernels.quantize_linear_weight_int8(w)
+    packed, scales, dequantized = kernels.quantize_linear_weight_int8(w)
     assert packed.dtype == torch.int8 and scales.shape == (96,)
     deq = (packed.view(3, 100, 32, 2).permute(0, 2, 1, 3).reshape(96, 200).float()
            * scales[:, None])
     assert (deq - w.float()).abs().max() <= scales.max() / 2 + 1e-6     # round to nearest
+    torch.testing.assert_close(dequantized, deq, rtol=0, atol=0)        # what the layer keeps
     x = torch.randn(m, 200, generator=g).bfloat16()
     bias = torch.randn(96, generator=g).bfloat16()
     got = kernels.linear(x, w, bias, packed, scales)

@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 _SOURCE = os.path.join(os.path.dirname(__file__), "kernels.cpp")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
+# the kernels' `dtype` argument
+DTYPE_CODES = {"float32": 0, "bfloat16": 1}
+
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
     "ember_has_linear_bf16": ([], _I32),
