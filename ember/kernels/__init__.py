@@ -57,6 +57,9 @@ def _linear_kernel_takes(weight: torch.Tensor) -> bool:
 def _pack(w: torch.Tensor) -> torch.Tensor:
     """[N, K] → [N/32][K/2][32][2], flat: for each pair of inputs, 32 outputs side by side."""
     n, k = w.shape
+    if w.element_size() == 2:    # move each pair as one 4-byte element: a plain 3-D transpose, 2x faster
+        pairs = w.contiguous().view(torch.int32).reshape(n // 32, 32, k // 2)
+        return pairs.transpose(1, 2).contiguous().view(w.dtype).view(-1)
     return w.reshape(n // 32, 32, k // 2, 2).permute(0, 2, 1, 3).contiguous().view(-1)
 
 

@@ -7,16 +7,17 @@ dequantized until `GGUFCheckpoint.iter_weights()` walks the tensors one at a tim
 from __future__ import annotations
 
 import glob
-import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import gguf
 import numpy as np
 import torch
+
+from ember import disk_cache
+
+if TYPE_CHECKING:   # imported where used: `gguf` takes 0.15 s, and a cached load needs none of it
+    import gguf
 
 # GGUF architecture -> (HF model_type, HF architectures entry).
 _ARCHS = {
@@ -75,6 +76,7 @@ class GGUFCheckpoint:
 
     def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (HF parameter name, float32 tensor in torch [out, in] layout), one tensor at a time."""
+        import gguf
         cfg = self.config
         for t in self._reader.tensors:
             if t.name in _SKIPPED:
@@ -179,6 +181,7 @@ def read_gguf(path: str) -> GGUFCheckpoint:
     """Open a GGUF file (metadata only; weights are dequantized lazily by iter_weights)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file not found: {path}")
+    import gguf
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:
@@ -201,31 +204,9 @@ def read_gguf(path: str) -> GGUFCheckpoint:
 
 def _cache_slot(path: str, kind: str) -> tuple[str, str]:
     """(cache folder for this exact file's derived `kind`, its parent). Keyed by path, size, mtime."""
-    from ember.config import cache_dir
-    path = os.path.abspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"GGUF file not found: {path}")
-    st = os.stat(path)
-    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
-    root = os.path.join(cache_dir(), kind)
-    return os.path.join(root, key), root
-
-
-def _write_atomically(target: str, root: str, write) -> None:
-    """write(tmp_dir), then rename: readers never see a half-written entry, and of concurrent
-    writers the loser just discards its copy. An unwritable cache is not an error."""
-    try:
-        os.makedirs(root, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=root)
-    except OSError:
-        return
-    try:
-        write(tmp)
-        os.rename(tmp, target)
-    except OSError:
-        pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        raise FileNotFoundError(f"GGUF file not found: {os.path.abspath(path)}")
+    return disk_cache.slot(kind, disk_cache.file_key(path))
 
 
 def load_gguf_weights_cached(path: str) -> tuple[dict[str, Any], Iterator[tuple[str, torch.Tensor]], int]:
@@ -247,7 +228,7 @@ def load_gguf_weights_cached(path: str) -> tuple[dict[str, Any], Iterator[tuple[
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(ckpt.config, f)
 
-    _write_atomically(cached, root, write)
+    disk_cache.write_atomically(cached, root, write)
     return ckpt.config, iter(weights.items()), len(weights)
 
 
@@ -265,8 +246,9 @@ def load_gguf_tokenizer(path: str):
         raise ValueError(f"{path}: cannot build a tokenizer from this GGUF: {e}") from e
     if tok.chat_template is None:
         try:
+            import gguf
             tok.chat_template = _field(gguf.GGUFReader(path), "tokenizer.chat_template")
         except Exception:  # a missing template is not fatal for plain completion use
             pass
-    _write_atomically(cached, root, tok.save_pretrained)
+    disk_cache.write_atomically(cached, root, tok.save_pretrained)
     return tok

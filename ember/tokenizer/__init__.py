@@ -1,41 +1,112 @@
-"""Tokenizer (transformers' fast tokenizers), chat templates, and incremental detokenization."""
+"""Tokenizer, chat templates, and incremental detokenization.
+
+The model's tokenizer is whatever transformers' AutoTokenizer makes of it. Importing transformers
+and building that tokenizer takes about a second, most of a server's start-up, while encoding and
+decoding only need the Rust tokenizer inside it. So the first load of a model goes through
+transformers and caches the resolved Rust tokenizer (exactly the state transformers left it in)
+with the few facts ember needs (EOS, vocabulary size, whether there is a chat template); later
+loads read that with the `tokenizers` library alone (~0.1 s). transformers comes back, lazily, for
+chat templates and for `LLM.get_tokenizer()`. Tokenizers without a Rust backend, or whose decode
+transformers post-processes (clean_up_tokenization_spaces), always go through transformers.
+"""
 from __future__ import annotations
 
-from typing import Any
+import importlib.metadata
+import json
+import os
+import threading
+from typing import Any, Callable
 
+from ember import disk_cache
 from ember.models.loader import ModelSource
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".msgpack", ".h5")
+
+
+def _load_hf(source: ModelSource):
+    if source.kind == "gguf":
+        from ember.models.gguf_loader import load_gguf_tokenizer
+        return load_gguf_tokenizer(source.path)
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
+
+
+def _cache_slot(source: ModelSource) -> tuple[str, str]:
+    """Keyed by the files the tokenizer is made from and the library versions that made it."""
+    if source.kind == "gguf":
+        files = [source.path]
+    else:
+        files = sorted(os.path.join(source.path, f) for f in os.listdir(source.path)
+                       if not f.endswith(_WEIGHT_SUFFIXES)
+                       and os.path.isfile(os.path.join(source.path, f)))
+    versions = [f"{lib} {importlib.metadata.version(lib)}" for lib in ("transformers", "tokenizers")]
+    return disk_cache.slot("fast-tokenizers", *versions, *map(disk_cache.file_key, files))
 
 
 class Tokenizer:
-    def __init__(self, hf_tokenizer, extra_eos: tuple[int, ...] = ()) -> None:
-        self.hf = hf_tokenizer
-        eos = set(extra_eos)
-        if hf_tokenizer.eos_token_id is not None:
-            eos.add(hf_tokenizer.eos_token_id)
-        self.eos_token_ids = frozenset(eos)
-        self.vocab_size = len(hf_tokenizer)
+    def __init__(self, backend, eos_token_id: int | None, vocab_size: int, has_chat_template: bool,
+                 load_hf: Callable[[], Any], extra_eos: tuple[int, ...] = (), hf=None) -> None:
+        """backend: a `tokenizers.Tokenizer`, or None to encode/decode with the transformers one."""
+        self._backend = backend
+        self._load_hf, self._hf, self._hf_lock = load_hf, hf, threading.Lock()
+        self.eos_token_ids = frozenset({*extra_eos, *([] if eos_token_id is None else [eos_token_id])})
+        self.vocab_size = vocab_size
+        self.has_chat_template = has_chat_template
 
     @classmethod
     def load(cls, source: ModelSource, extra_eos: tuple[int, ...] = ()) -> "Tokenizer":
-        if source.kind == "gguf":
-            from ember.models.gguf_loader import load_gguf_tokenizer
-            return cls(load_gguf_tokenizer(source.path), extra_eos)
-        from transformers import AutoTokenizer
-        return cls(AutoTokenizer.from_pretrained(source.path, trust_remote_code=False), extra_eos)
+        cached, root = _cache_slot(source)
+        load_hf = lambda: _load_hf(source)          # noqa: E731
+        if os.path.isdir(cached):
+            from tokenizers import Tokenizer as RustTokenizer
+            with open(os.path.join(cached, "meta.json")) as f:
+                meta = json.load(f)
+            return cls(RustTokenizer.from_file(os.path.join(cached, "tokenizer.json")),
+                       meta["eos_token_id"], meta["vocab_size"], meta["has_chat_template"],
+                       load_hf, extra_eos)
+        hf = load_hf()
+        backend = getattr(hf, "backend_tokenizer", None)
+        if getattr(hf, "clean_up_tokenization_spaces", False):
+            backend = None                           # transformers edits decoded text: keep it
+        tok = cls(backend, hf.eos_token_id, len(hf), bool(getattr(hf, "chat_template", None)),
+                  load_hf, extra_eos, hf=hf)
+        if backend is not None:
+            meta = {"eos_token_id": hf.eos_token_id, "vocab_size": len(hf),
+                    "has_chat_template": tok.has_chat_template}
+
+            def write(tmp: str) -> None:
+                backend.save(os.path.join(tmp, "tokenizer.json"))
+                with open(os.path.join(tmp, "meta.json"), "w") as f:
+                    json.dump(meta, f)
+
+            disk_cache.write_atomically(cached, root, write)
+        return tok
+
+    @property
+    def hf(self):
+        """transformers' tokenizer for this model (loaded on first use)."""
+        with self._hf_lock:
+            if self._hf is None:
+                self._hf = self._load_hf()
+            return self._hf
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+        if self._backend is None:
+            return self.hf.encode(text, add_special_tokens=add_special_tokens)
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+        if self._backend is None:
+            return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_strings(self, ids: list[int]) -> list[str]:
         """Each token's own text (for logprobs), bytes that split a character shown as-is."""
-        return [self.hf.decode([i]) for i in ids]
+        return [self.decode([i], skip_special_tokens=False) for i in ids]
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             **kwargs) -> list[int]:
-        if not getattr(self.hf, "chat_template", None):
+        if not self.has_chat_template:
             raise ValueError("this model has no chat template; use completions with a plain prompt")
         text = self.hf.apply_chat_template(messages, tokenize=False,
                                            add_generation_prompt=add_generation_prompt, **kwargs)
