@@ -27,6 +27,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
+from ember import platforms
 from ember.config import env_str
 from ember.engine.llm_engine import EngineStats, LLMEngine
 from ember.outputs import RequestOutput
@@ -122,6 +123,7 @@ class AsyncLLMEngine:
         self._restarts = 0
         self.error: BaseException | None = None      # set when the engine can no longer serve
         self.snapshot = EngineSnapshot()
+        platforms.release_host_threads()             # the engine thread computes from now on
         self._start_thread()
 
     @classmethod
@@ -211,6 +213,7 @@ class AsyncLLMEngine:
         if self._thread.is_alive():
             raise EngineError(f"the engine thread did not stop within {timeout} s")
         self.engine.reset()
+        platforms.release_host_threads()
         with self._cv:
             if self._closed:
                 raise EngineStopped("the engine was shut down")
