@@ -66,8 +66,8 @@ class FusedLlamaDecode:
         return cls(model) if fits else None
 
     def serves(self, meta, num_tokens: int) -> bool:
-        return (getattr(meta, "kernels_fit", False) and meta.prefill is None
-                and meta.num_decode_tokens == num_tokens)
+        from ember.attention.cpu_paged import CpuMetadata
+        return isinstance(meta, CpuMetadata) and meta.pure_decode and len(meta.context) == num_tokens
 
     def _layer_weights(self, kv_caches: list[torch.Tensor]):
         key = tuple(c.data_ptr() for c in kv_caches)
@@ -102,10 +102,10 @@ class FusedLlamaDecode:
         layers = self._layer_weights(kv_caches)
         residual = torch.empty_like(x)
         positions = positions.contiguous()
-        tables = meta.decode_tables
+        tables = meta.tables
         cpu.library().ember_decode_layers(
             layers, len(layers), ctypes.byref(self._shape), x.data_ptr(), residual.data_ptr(),
             x.shape[0], positions.data_ptr(), self.model.rotary.cos_sin.data_ptr(),
             meta.slot_mapping.data_ptr(), tables.data_ptr(), tables.shape[1],
-            meta.decode_ctx.data_ptr())
+            meta.context.data_ptr())
         return residual
