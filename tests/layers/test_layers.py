@@ -264,6 +264,19 @@ def test_paged_attention_bf16_close_to_reference(backend):
     _check(out, seqs, refs, tol=0.05)
 
 
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("block_size", [3, 16])
+def test_paged_attention_bf16_head_sizes(head_dim, window, block_size, backend):
+    """bf16 at the head sizes where the CPU kernel sums q·k and p·v with bf16 dot products
+    (multiples of 32), odd block sizes and contexts (keys in pairs, a missing last one), stale
+    values left in unused slots."""
+    seqs = BATCHES["mixed"]
+    out, refs = _run_paged(seqs, 6, 2, head_dim, block_size, window, 7, dtype=torch.bfloat16,
+                           fill=3e3, backend=backend)
+    _check(out, seqs, refs, tol=0.05)
+
+
 @pytest.mark.parametrize("fill", [1e4, -3e4])
 def test_paged_attention_ignores_stale_values_in_unused_slots(fill, backend):
     """Slots past a request's context (the rest of its last block, table padding) hold stale KV of

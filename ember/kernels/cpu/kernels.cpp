@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <algorithm>
+#include <type_traits>
 #include <immintrin.h>
 
 #if !defined(__AVX512F__) || !defined(__AVX512BW__)
@@ -335,15 +336,24 @@ static inline __m512 hsum16(const __m512 v[16]) {
 
 // ---------------------------------------------------------------------------------------------
 // paged_decode: one query per sequence. For each (sequence, KV head), the G query heads of that
-// group walk the sequence's blocks together: a block's keys and values are converted to fp32 once
-// (for all G heads), then per head the block's scores, an online-softmax update (running max and
-// sum, rescaled per block) and the value sum, all in fp32, read straight from the cache.
+// group walk the sequence's blocks together: a block's values are converted to fp32 once (for all
+// G heads), then per head the block's scores, an online-softmax update (running max and sum,
+// rescaled per block) and the value sum in fp32, read straight from the cache. Scores: in bf16
+// (head size a multiple of 32, AVX-512 BF16) q·k is summed by dpbf16 straight from the cache's
+// bf16 keys and then scaled, as torch's bf16 matmul computes it; otherwise keys are converted to
+// fp32 like the values and dotted with the pre-scaled query.
 template <typename T, int D>
 static void paged_decode_heads(const T* q, int64_t ldq, const T* cache, const int32_t* tables,
                                int64_t max_blocks, const int32_t* ctx_lens, T* out, int64_t B,
                                int64_t H, int64_t HK, int64_t num_blocks, int64_t bs, float scale,
                                int64_t window) {
     constexpr int NV = D / 16;
+#if defined(__AVX512BF16__)
+    constexpr bool BF16_DOTS = std::is_same<T, bf16>::value && D % 32 == 0;
+#else
+    constexpr bool BF16_DOTS = false;
+#endif
+    constexpr int NB = BF16_DOTS ? D / 32 : 1;   // bf16 pair vectors per row
     const int64_t G = H / HK, plane = HK * num_blocks * bs * D;
     #pragma omp parallel for collapse(2) schedule(dynamic, 1)
     for (int64_t b = 0; b < B; b++)
@@ -355,10 +365,12 @@ static void paged_decode_heads(const T* q, int64_t ldq, const T* cache, const in
             for (int64_t g = 0; g < G; g++) {
                 const T* qp = q + b * ldq + (h * G + g) * D;
                 for (int i = 0; i < NV; i++) {
-                    _mm512_store_ps(qf[g] + 16 * i, _mm512_mul_ps(load16(qp + 16 * i),
-                                                                  _mm512_set1_ps(scale)));
+                    const __m512 qs = BF16_DOTS ? _mm512_setzero_ps()
+                                                : _mm512_mul_ps(load16(qp + 16 * i), _mm512_set1_ps(scale));
+                    _mm512_store_ps(qf[g] + 16 * i, qs);
                     _mm512_store_ps(acc[g] + 16 * i, _mm512_setzero_ps());
                 }
+                if (BF16_DOTS) std::memcpy(qf[g], qp, D * sizeof(T));   // raw bf16 pairs
                 m[g] = -INFINITY;
                 l[g] = 0.f;
             }
@@ -367,39 +379,90 @@ static void paged_decode_heads(const T* q, int64_t ldq, const T* cache, const in
                 const int64_t n = j1 - j0;
                 const int64_t at = ((h * num_blocks + tables[b * max_blocks + blk]) * bs
                                     + j0 - blk * bs) * D;
-                for (int64_t j = 0; j < n; j++)
-                    for (int i = 0; i < NV; i++) {
-                        _mm512_store_ps(kf[j] + 16 * i, load16(cache + at + j * D + 16 * i));
-                        _mm512_store_ps(vf[j] + 16 * i, load16(cache + plane + at + j * D + 16 * i));
+                if (!BF16_DOTS)
+                    for (int64_t j = 0; j < n; j++)
+                        for (int i = 0; i < NV; i++) {
+                            _mm512_store_ps(kf[j] + 16 * i, load16(cache + at + j * D + 16 * i));
+                            _mm512_store_ps(vf[j] + 16 * i, load16(cache + plane + at + j * D + 16 * i));
+                        }
+                // bf16: the values of keys 2t and 2t+1 interleaved into bf16 pairs (dpbf16's
+                // operand), once per block for the G heads; per 128-bit lane, unpacklo holds dims
+                // 0-3 and unpackhi dims 4-7 of each 8, so the accumulators are kept in that
+                // order and put back in place at the end. A missing odd key counts as zeros.
+                __m512i vpairs[8][2 * NB];
+                const int64_t npairs = (n + 1) / 2;
+                if (BF16_DOTS)
+                    for (int64_t t = 0; t < npairs; t++) {
+                        const T* v0 = cache + plane + at + 2 * t * D;
+                        for (int i = 0; i < NB; i++) {
+                            const __m512i a = _mm512_loadu_si512(v0 + 32 * i);
+                            const __m512i c = 2 * t + 1 < n ? _mm512_loadu_si512(v0 + D + 32 * i)
+                                                            : _mm512_setzero_si512();
+                            vpairs[t][2 * i] = _mm512_unpacklo_epi16(a, c);
+                            vpairs[t][2 * i + 1] = _mm512_unpackhi_epi16(a, c);
+                        }
                     }
                 for (int64_t g = 0; g < G; g++) {
-                    __m512 qv[NV];
-                    for (int i = 0; i < NV; i++) qv[i] = _mm512_load_ps(qf[g] + 16 * i);
                     __m512 dots[16];
-                    for (int64_t j = 0; j < 16; j++) {
-                        if (j >= n) { dots[j] = _mm512_setzero_ps(); continue; }
-                        dots[j] = _mm512_mul_ps(qv[0], _mm512_load_ps(kf[j]));
-                        for (int i = 1; i < NV; i++)
-                            dots[j] = _mm512_fmadd_ps(qv[i], _mm512_load_ps(kf[j] + 16 * i), dots[j]);
+                    if constexpr (BF16_DOTS) {
+#if defined(__AVX512BF16__)
+                        __m512bh qb[NB];
+                        for (int i = 0; i < NB; i++)
+                            qb[i] = (__m512bh)_mm512_load_si512(qf[g] + 16 * i);
+                        for (int64_t j = 0; j < 16; j++) {
+                            dots[j] = _mm512_setzero_ps();
+                            if (j >= n) continue;
+                            const T* kr = cache + at + j * D;
+                            for (int i = 0; i < NB; i++)
+                                dots[j] = _mm512_dpbf16_ps(
+                                    dots[j], qb[i], (__m512bh)_mm512_loadu_si512(kr + 32 * i));
+                        }
+#endif
+                    } else {
+                        __m512 qv[NV];
+                        for (int i = 0; i < NV; i++) qv[i] = _mm512_load_ps(qf[g] + 16 * i);
+                        for (int64_t j = 0; j < 16; j++) {
+                            if (j >= n) { dots[j] = _mm512_setzero_ps(); continue; }
+                            dots[j] = _mm512_mul_ps(qv[0], _mm512_load_ps(kf[j]));
+                            for (int i = 1; i < NV; i++)
+                                dots[j] = _mm512_fmadd_ps(qv[i], _mm512_load_ps(kf[j] + 16 * i),
+                                                          dots[j]);
+                        }
                     }
+                    __m512 scores = hsum16(dots);
+                    if (BF16_DOTS) scores = _mm512_mul_ps(scores, _mm512_set1_ps(scale));
                     const __mmask16 valid = (__mmask16)((1u << n) - 1);
-                    const __m512 sv = _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY),
-                                                           hsum16(dots));
+                    const __m512 sv = _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), scores);
                     const float mx = std::max(m[g], _mm512_reduce_max_ps(sv));
                     const float corr = std::exp(m[g] - mx);
                     const __m512 p = _mm512_maskz_mov_ps(valid,
                                                          exp16(_mm512_sub_ps(sv, _mm512_set1_ps(mx))));
                     l[g] = l[g] * corr + _mm512_reduce_add_ps(p);
                     m[g] = mx;
-                    alignas(64) float pj[16];
-                    _mm512_store_ps(pj, p);
                     __m512 a[NV];
                     for (int i = 0; i < NV; i++)
                         a[i] = _mm512_mul_ps(_mm512_load_ps(acc[g] + 16 * i), _mm512_set1_ps(corr));
-                    for (int64_t j = 0; j < n; j++) {
-                        const __m512 pv = _mm512_set1_ps(pj[j]);
-                        for (int i = 0; i < NV; i++)
-                            a[i] = _mm512_fmadd_ps(pv, _mm512_load_ps(vf[j] + 16 * i), a[i]);
+                    if constexpr (BF16_DOTS) {
+#if defined(__AVX512BF16__)
+                        // probabilities in bf16, as torch's bf16 attention multiplies them by V
+                        alignas(32) uint16_t pb[16];
+                        _mm256_store_si256((__m256i*)pb, (__m256i)_mm512_cvtneps_pbh(p));
+                        for (int64_t t = 0; t < npairs; t++) {
+                            int32_t pair;
+                            std::memcpy(&pair, pb + 2 * t, 4);
+                            const __m512bh pp = (__m512bh)_mm512_set1_epi32(pair);
+                            for (int i = 0; i < NV; i++)
+                                a[i] = _mm512_dpbf16_ps(a[i], pp, (__m512bh)vpairs[t][i]);
+                        }
+#endif
+                    } else {
+                        alignas(64) float pj[16];
+                        _mm512_store_ps(pj, p);
+                        for (int64_t j = 0; j < n; j++) {
+                            const __m512 pv = _mm512_set1_ps(pj[j]);
+                            for (int i = 0; i < NV; i++)
+                                a[i] = _mm512_fmadd_ps(pv, _mm512_load_ps(vf[j] + 16 * i), a[i]);
+                        }
                     }
                     for (int i = 0; i < NV; i++) _mm512_store_ps(acc[g] + 16 * i, a[i]);
                 }
@@ -407,8 +470,21 @@ static void paged_decode_heads(const T* q, int64_t ldq, const T* cache, const in
             for (int64_t g = 0; g < G; g++) {
                 const __m512 inv = _mm512_set1_ps(1.f / l[g]);
                 T* op = out + (b * H + h * G + g) * D;
-                for (int i = 0; i < NV; i++)
-                    store16(op + 16 * i, _mm512_mul_ps(_mm512_load_ps(acc[g] + 16 * i), inv));
+                if (BF16_DOTS) {          // (lanes of lo, hi) → dims in order, 32 at a time
+                    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19,
+                                                            4, 5, 6, 7, 20, 21, 22, 23);
+                    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+                    for (int i = 0; i < NB; i++) {
+                        const __m512 lo = _mm512_load_ps(acc[g] + 32 * i);
+                        const __m512 hi = _mm512_load_ps(acc[g] + 32 * i + 16);
+                        store16(op + 32 * i, _mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), inv));
+                        store16(op + 32 * i + 16,
+                                _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), inv));
+                    }
+                } else {
+                    for (int i = 0; i < NV; i++)
+                        store16(op + 16 * i, _mm512_mul_ps(_mm512_load_ps(acc[g] + 16 * i), inv));
+                }
             }
         }
 }
