@@ -53,7 +53,7 @@ def _check_quantization(quantization: str | None, device: torch.device, dtype: t
 class LLMEngine:
     def __init__(self, model: str | None = None, *, dtype: str | torch.dtype | None = "auto",
                  device: str | torch.device | None = None, max_model_len: int | None = None,
-                 max_num_seqs: int = 128, max_num_batched_tokens: int = 2048,
+                 max_num_seqs: int = 128, max_num_batched_tokens: int | None = None,
                  block_size: int = 16, kv_cache_memory: int | float | None = None,
                  enable_prefix_caching: bool = True, scheduling_policy: str | None = None,
                  attention_backend: str = "auto", seed: int = 0,
@@ -71,6 +71,8 @@ class LLMEngine:
                               num_kv_heads=model_cfg.num_kv_heads, head_dim=model_cfg.head_dim,
                               scale=model_cfg.head_dim ** -0.5,
                               sliding_window=model_cfg.sliding_window)
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = platforms.default_step_tokens(device)
         policy = scheduling_policy or ("cache_aware" if enable_prefix_caching else "fcfs")
         cfg = EngineConfig(self.source.name, model_cfg,
                            CacheConfig(block_size, kv_cache_memory, enable_prefix_caching),
