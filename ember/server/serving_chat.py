@@ -1,6 +1,7 @@
 """POST /v1/chat/completions: the model's chat template, then one engine request with n samples."""
 from __future__ import annotations
 
+import asyncio
 from typing import AsyncIterator
 
 from fastapi import Request, Response
@@ -45,6 +46,8 @@ class ChatServing:
     async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
         ctx = self.ctx
         ctx.check_model(req.model)
+        if not ctx.tokenizer.hf_loaded:     # the first chat: transformers loads off the loop
+            await asyncio.to_thread(lambda: ctx.tokenizer.hf)
         try:
             sp = req.sampling_params(req.max_new_tokens, req.num_logprobs)
             ids = render_messages(ctx.tokenizer, req.messages, req.add_generation_prompt)

@@ -83,6 +83,10 @@ class Tokenizer:
         return tok
 
     @property
+    def hf_loaded(self) -> bool:
+        return self._hf is not None
+
+    @property
     def hf(self):
         """transformers' tokenizer for this model (loaded on first use)."""
         with self._hf_lock:

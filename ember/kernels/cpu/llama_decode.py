@@ -12,6 +12,7 @@ import ctypes
 
 import torch
 
+from ember.attention.cpu_paged import CpuAttentionBackend, CpuMetadata
 from ember.kernels import cpu
 
 _P = ctypes.c_void_p
@@ -46,7 +47,6 @@ class FusedLlamaDecode:
     @classmethod
     def build(cls, model) -> FusedLlamaDecode | None:
         """For a loaded LlamaModel, or None where the kernels cannot run it as the modules do."""
-        from ember.attention.cpu_paged import CpuAttentionBackend
         first = model.layers[0]
         attn, mlp = first.self_attn, first.mlp
         linears = [m for layer in model.layers for m in (
@@ -66,7 +66,6 @@ class FusedLlamaDecode:
         return cls(model) if fits else None
 
     def serves(self, meta, num_tokens: int) -> bool:
-        from ember.attention.cpu_paged import CpuMetadata
         return isinstance(meta, CpuMetadata) and meta.pure_decode and len(meta.context) == num_tokens
 
     def _layer_weights(self, kv_caches: list[torch.Tensor]):
