@@ -5,8 +5,10 @@
                 cache blocks through its request's block table (online softmax in fp32), after the
                 step's keys are written: a prefill token at position p is a "decode" whose context
                 is p + 1. No gathered copies, no masks, one call per layer for the whole batch.
-                (Torch's SDPA with a mask, which prefill chunks used before, ran at ~40 GFLOP/s
-                on these small heads; this is 5-10x faster per layer.)
+                Against torch's SDPA with a mask (what prefill chunks used before): W1's prefill
+                attention 1.34 → 0.81 s; one 2048-token prompt 3.8 → 2.8 s, 4096 tokens 10.1 →
+                9.1 s. Each query row still reads its keys on its own: a kernel that tiles
+                queries would cut long prompts further.
 
 Falls back to the torch backend wholesale when the kernels cannot serve (no library, fp16, head
 or block sizes not compiled in); its metadata is then built on first use.
