@@ -5,10 +5,13 @@
                 cache blocks through its request's block table (online softmax in fp32), after the
                 step's keys are written: a prefill token at position p is a "decode" whose context
                 is p + 1. No gathered copies, no masks, one call per layer for the whole batch.
-                Against torch's SDPA with a mask (what prefill chunks used before): W1's prefill
-                attention 1.34 → 0.81 s; one 2048-token prompt 3.8 → 2.8 s, 4096 tokens 10.1 →
-                9.1 s. Each query row still reads its keys on its own: a kernel that tiles
-                queries would cut long prompts further.
+  paged_prefill in bf16 (no sliding window), prefill rows go in tiles of consecutive rows of
+                one request: each key block is prepared once per tile (keys transposed for
+                broadcast dot products, values interleaved) for all its rows and heads.
+                Against torch's SDPA with a mask (what prefill chunks used before), with both
+                kernels: W1's prefill attention 1.34 → 0.57 s (8 × 128-token prompts per step:
+                86 → 63 ms per step with the tiles); one 2048-token prompt 3.8 → 2.7 s, 4096
+                tokens 10.1 → 7.5 s.
 
 Falls back to the torch backend wholesale when the kernels cannot serve (no library, fp16, head
 or block sizes not compiled in); its metadata is then built on first use.
@@ -25,6 +28,7 @@ from ember.kernels import cpu, cpu_kernels, kernel_dtype
 
 _HEAD_DIMS = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 256)   # compiled in (kernels.cpp)
 _MAX_BLOCK_SIZE, _MAX_GROUP = 16, 8
+_TILE_QUERIES = 32        # query vectors (rows x heads of a group) per prefill tile: PREFILL_MAX_Q
 
 
 @dataclass
@@ -33,6 +37,8 @@ class CpuMetadata(AttentionMetadata):
     tables: torch.Tensor             # [T, max_blocks] int32: each token's request's block table
     context: torch.Tensor            # [T] int32: keys each token attends to (its position + 1)
     pure_decode: bool                # one token per request (what the fused decode step takes)
+    num_decodes: int                 # the first rows are decodes, the rest prefill rows
+    prefill_tiles: torch.Tensor | None   # [tiles + 1] int32: row ranges of one request each
     layout: BatchLayout
     device: torch.device
     _torch: TorchMetadata | None = None
@@ -61,7 +67,20 @@ class CpuAttentionBackend(TorchAttentionBackend):
                                                     layout.query_lens)]
         slot_mapping = tables.gather(1, (pos // bs).unsqueeze(1)).squeeze(1) * bs + pos % bs
         return CpuMetadata(slot_mapping.contiguous(), tables.to(torch.int32).contiguous(),
-                           (pos + 1).to(torch.int32), pure_decode, layout, device)
+                           (pos + 1).to(torch.int32), pure_decode, layout.num_decodes,
+                           None if pure_decode else self._prefill_tiles(layout), layout, device)
+
+    def _prefill_tiles(self, layout: BatchLayout) -> torch.Tensor:
+        """Start rows of the prefill kernel's tiles (then the end): each prefill request's rows
+        cut in runs of at most _TILE_QUERIES // group, so a tile holds one request."""
+        rows = max(1, _TILE_QUERIES // (self.num_heads // self.num_kv_heads))
+        qlens = layout.query_lens[layout.num_decodes:]
+        first_row = layout.num_decodes + torch.cumsum(qlens, 0) - qlens
+        per_request = (qlens + rows - 1) // rows
+        nth = torch.arange(int(per_request.sum())) - torch.repeat_interleave(
+            torch.cumsum(per_request, 0) - per_request, per_request)
+        starts = torch.repeat_interleave(first_row, per_request) + nth * rows
+        return torch.cat([starts, layout.query_lens.sum().view(1)]).to(torch.int32)
 
     def forward(self, q, k, v, kv_cache, meta) -> torch.Tensor:
         if not isinstance(meta, CpuMetadata):
@@ -75,9 +94,19 @@ class CpuAttentionBackend(TorchAttentionBackend):
                            v.stride(0), kv_cache.data_ptr(), meta.slot_mapping.data_ptr(),
                            k.shape[0], hk, num_blocks * bs, d)
         out = q.new_empty(q.shape)
-        lib.ember_paged_decode(kernel_dtype(q.dtype), q.data_ptr(), q.stride(0),
-                               kv_cache.data_ptr(), meta.tables.data_ptr(), meta.tables.shape[1],
-                               meta.context.data_ptr(), out.data_ptr(), q.shape[0],
-                               self.num_heads, hk, num_blocks, bs, d, self.scale,
-                               self.sliding_window or 0)
+        rows = q.shape[0]
+        tiles = meta.prefill_tiles
+        if (tiles is not None and q.dtype == torch.bfloat16 and self.sliding_window is None
+                and lib.ember_paged_prefill(
+                q.data_ptr(), q.stride(0), kv_cache.data_ptr(), meta.tables.data_ptr(),
+                meta.tables.shape[1], meta.context.data_ptr(), tiles.data_ptr(),
+                len(tiles) - 1, out.data_ptr(), self.num_heads, hk, num_blocks, bs, d,
+                self.scale)):
+            rows = meta.num_decodes                  # the prefill rows are done
+        if rows:
+            lib.ember_paged_decode(kernel_dtype(q.dtype), q.data_ptr(), q.stride(0),
+                                   kv_cache.data_ptr(), meta.tables.data_ptr(),
+                                   meta.tables.shape[1], meta.context.data_ptr(), out.data_ptr(),
+                                   rows, self.num_heads, hk, num_blocks, bs, d, self.scale,
+                                   self.sliding_window or 0)
         return out

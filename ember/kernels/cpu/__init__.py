@@ -41,6 +41,8 @@ _SIGNATURES = {
     "ember_decode_layers": ([_P, _I64, _P, _P, _P, _I64, _P, _P, _P, _P, _I64, _P], None),
     "ember_paged_decode": ([_I32, _P, _I64, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64,
                             _I64, _I64, _F32, _I64], None),
+    "ember_paged_prefill": ([_P, _I64, _P, _P, _I64, _P, _P, _I64, _P, _I64, _I64, _I64, _I64,
+                             _I64, _F32], _I32),
 }
 
 

@@ -517,6 +517,142 @@ extern "C" void ember_paged_decode(int dtype, const void* q, int64_t ldq, const 
 }
 
 // ---------------------------------------------------------------------------------------------
+// paged_prefill (bf16, head size a multiple of 32, no sliding window): like paged_decode, but a
+// work item is a tile of consecutive query rows of one request (tile_starts[t] .. [t+1]; row i
+// sees context[i] keys) and one KV head, so that each key block is prepared once for the tile's
+// rows × G heads: keys transposed to [D/2][16 keys] bf16 pairs (q·k for 16 keys is then D/2
+// dot products with a broadcast query pair: no horizontal sums), values interleaved in key pairs
+// as in paged_decode. Query vectors go four at a time against each loaded key vector.
+#if defined(__AVX512BF16__)
+constexpr int PREFILL_MAX_Q = 32;          // query vectors (rows × G) a tile may hold
+
+template <int D>
+static void paged_prefill_heads(const bf16* q, int64_t ldq, const bf16* cache,
+                                const int32_t* tables, int64_t max_blocks, const int32_t* ctx_lens,
+                                const int32_t* tile_starts, int64_t num_tiles, bf16* out,
+                                int64_t H, int64_t HK, int64_t num_blocks, int64_t bs, float scale) {
+    constexpr int NB = D / 32, NV = D / 16, DP = D / 2;
+    const int64_t G = H / HK, plane = HK * num_blocks * bs * D;
+    #pragma omp parallel for collapse(2) schedule(dynamic, 1)
+    for (int64_t t = 0; t < num_tiles; t++)
+        for (int64_t h = 0; h < HK; h++) {
+            const int64_t r0 = tile_starts[t], nq = (tile_starts[t + 1] - r0) * G;
+            const int64_t last = ctx_lens[tile_starts[t + 1] - 1];
+            const int32_t* table = tables + r0 * max_blocks;
+            alignas(64) float acc[PREFILL_MAX_Q][D];
+            alignas(64) int32_t kt[DP][16];
+            float m[PREFILL_MAX_Q], l[PREFILL_MAX_Q];
+            const int32_t* qrow[PREFILL_MAX_Q];          // query vector v: row v / G, head v % G
+            int64_t ctx[PREFILL_MAX_Q];
+            for (int64_t v = 0; v < nq; v++) {
+                const int64_t row = r0 + v / G;
+                qrow[v] = (const int32_t*)(q + row * ldq + (h * G + v % G) * D);
+                ctx[v] = ctx_lens[row];
+                m[v] = -INFINITY;
+                l[v] = 0.f;
+                for (int i = 0; i < NV; i++) _mm512_store_ps(acc[v] + 16 * i, _mm512_setzero_ps());
+            }
+            const __m512i key_offsets = _mm512_mullo_epi32(
+                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                _mm512_set1_epi32(DP));                      // key j's row, in int32 units
+            for (int64_t blk = 0; blk * bs < last; blk++) {
+                const int64_t j0 = blk * bs, n = std::min(last, j0 + bs) - j0;
+                const int64_t at = ((h * num_blocks + table[blk]) * bs) * D;
+                const __mmask16 present = (__mmask16)((1u << n) - 1);
+                const int32_t* kb = (const int32_t*)(cache + at);
+                for (int dp = 0; dp < DP; dp++)
+                    _mm512_store_si512(kt[dp], _mm512_mask_i32gather_epi32(
+                        _mm512_setzero_si512(), present, key_offsets, kb + dp, 4));
+                __m512i vpairs[8][2 * NB];
+                const int64_t npairs = (n + 1) / 2;
+                for (int64_t p = 0; p < npairs; p++) {
+                    const bf16* v0 = cache + plane + at + 2 * p * D;
+                    for (int i = 0; i < NB; i++) {
+                        const __m512i a = _mm512_loadu_si512(v0 + 32 * i);
+                        const __m512i c = 2 * p + 1 < n ? _mm512_loadu_si512(v0 + D + 32 * i)
+                                                        : _mm512_setzero_si512();
+                        vpairs[p][2 * i] = _mm512_unpacklo_epi16(a, c);
+                        vpairs[p][2 * i + 1] = _mm512_unpackhi_epi16(a, c);
+                    }
+                }
+                for (int64_t v0 = 0; v0 < nq; v0 += 4) {
+                    const int64_t nv = std::min<int64_t>(4, nq - v0);
+                    __m512 s[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                                   _mm512_setzero_ps()};
+                    for (int dp = 0; dp < DP; dp++) {
+                        const __m512bh k = (__m512bh)_mm512_load_si512(kt[dp]);
+                        for (int u = 0; u < 4; u++)
+                            if (u < nv)
+                                s[u] = _mm512_dpbf16_ps(
+                                    s[u], (__m512bh)_mm512_set1_epi32(qrow[v0 + u][dp]), k);
+                    }
+                    for (int u = 0; u < nv; u++) {
+                        const int64_t v = v0 + u, nk = std::min(ctx[v], j0 + bs) - j0;
+                        if (nk <= 0) continue;                       // this row ends earlier
+                        const __mmask16 valid = (__mmask16)((1u << nk) - 1);
+                        const __m512 sv = _mm512_mask_blend_ps(
+                            valid, _mm512_set1_ps(-INFINITY), _mm512_mul_ps(s[u], _mm512_set1_ps(scale)));
+                        const float mx = std::max(m[v], _mm512_reduce_max_ps(sv));
+                        const float corr = std::exp(m[v] - mx);
+                        const __m512 pr = _mm512_maskz_mov_ps(
+                            valid, exp16(_mm512_sub_ps(sv, _mm512_set1_ps(mx))));
+                        l[v] = l[v] * corr + _mm512_reduce_add_ps(pr);
+                        m[v] = mx;
+                        alignas(32) uint16_t pb[16];
+                        _mm256_store_si256((__m256i*)pb, (__m256i)_mm512_cvtneps_pbh(pr));
+                        __m512 a[NV];
+                        for (int i = 0; i < NV; i++)
+                            a[i] = _mm512_mul_ps(_mm512_load_ps(acc[v] + 16 * i), _mm512_set1_ps(corr));
+                        for (int64_t p = 0; p < (nk + 1) / 2; p++) {
+                            int32_t pair;
+                            std::memcpy(&pair, pb + 2 * p, 4);
+                            const __m512bh pp = (__m512bh)_mm512_set1_epi32(pair);
+                            for (int i = 0; i < NV; i++)
+                                a[i] = _mm512_dpbf16_ps(a[i], pp, (__m512bh)vpairs[p][i]);
+                        }
+                        for (int i = 0; i < NV; i++) _mm512_store_ps(acc[v] + 16 * i, a[i]);
+                    }
+                }
+            }
+            const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19,
+                                                    4, 5, 6, 7, 20, 21, 22, 23);
+            const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+            for (int64_t v = 0; v < nq; v++) {
+                const __m512 inv = _mm512_set1_ps(1.f / l[v]);
+                bf16* op = out + ((r0 + v / G) * H + h * G + v % G) * D;
+                for (int i = 0; i < NB; i++) {
+                    const __m512 lo = _mm512_load_ps(acc[v] + 32 * i);
+                    const __m512 hi = _mm512_load_ps(acc[v] + 32 * i + 16);
+                    store16(op + 32 * i, _mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), inv));
+                    store16(op + 32 * i + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), inv));
+                }
+            }
+        }
+}
+#endif
+
+// Returns 0 where it cannot serve (not bf16, head size, no AVX-512 BF16): the caller then uses
+// paged_decode row by row. out rows are laid out [rows, H, D] like q's heads.
+extern "C" int ember_paged_prefill(const void* q, int64_t ldq, const void* cache,
+                                   const int32_t* tables, int64_t max_blocks,
+                                   const int32_t* ctx_lens, const int32_t* tile_starts,
+                                   int64_t num_tiles, void* out, int64_t H, int64_t HK,
+                                   int64_t num_blocks, int64_t bs, int64_t D, float scale) {
+#if defined(__AVX512BF16__)
+    for (int64_t t = 0; t < num_tiles; t++)
+        if ((tile_starts[t + 1] - tile_starts[t]) * (H / HK) > PREFILL_MAX_Q) return 0;
+    switch (D) {
+#define HEAD(d) case d: paged_prefill_heads<d>((const bf16*)q, ldq, (const bf16*)cache, tables, \
+        max_blocks, ctx_lens, tile_starts, num_tiles, (bf16*)out, H, HK, num_blocks, bs, scale); \
+        return 1;
+        HEAD(32) HEAD(64) HEAD(96) HEAD(128) HEAD(160) HEAD(192) HEAD(256)
+#undef HEAD
+    }
+#endif
+    return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
 // decode_layers: every decoder layer of a Llama-family model for a batch of decodes (one token per
 // sequence), bf16, in one call: the same steps as LlamaDecoderLayer.forward, through the kernels
 // above, so a decode step costs one call instead of a dozen per layer. x [B, H] holds the
