@@ -335,6 +335,40 @@ static inline __m512 hsum16(const __m512 v[16]) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Values in bf16 pairs, for p·v by dpbf16 (paged_decode and paged_prefill): the values of keys 2t
+// and 2t+1 of a block (n keys, rows of D from v) interleaved, 32 dims per pair of vectors. Per
+// 128-bit lane unpacklo holds dims 0-3 and unpackhi dims 4-7 of each 8, so sums against these
+// stay in that order until store_value_sum puts them back. A missing odd key counts as zeros
+// (its row is never read: it may lie past the cache).
+template <int NB>
+static inline void interleave_value_pairs(const bf16* v, int64_t n, int64_t D,
+                                          __m512i pairs[8][2 * NB]) {
+    for (int64_t t = 0; t < (n + 1) / 2; t++) {
+        const bf16* row = v + 2 * t * D;
+        for (int i = 0; i < NB; i++) {
+            const __m512i a = _mm512_loadu_si512(row + 32 * i);
+            const __m512i c = 2 * t + 1 < n ? _mm512_loadu_si512(row + D + 32 * i)
+                                            : _mm512_setzero_si512();
+            pairs[t][2 * i] = _mm512_unpacklo_epi16(a, c);
+            pairs[t][2 * i + 1] = _mm512_unpackhi_epi16(a, c);
+        }
+    }
+}
+
+// out[0, 32·NB) = acc · inv, acc in interleave_value_pairs' order
+template <int NB>
+static inline void store_value_sum(const float* acc, float inv, bf16* out) {
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+    const __m512 scale = _mm512_set1_ps(inv);
+    for (int i = 0; i < NB; i++) {
+        const __m512 lo = _mm512_load_ps(acc + 32 * i), hi = _mm512_load_ps(acc + 32 * i + 16);
+        store16(out + 32 * i, _mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), scale));
+        store16(out + 32 * i + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), scale));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // paged_decode: one query per sequence. For each (sequence, KV head), the G query heads of that
 // group walk the sequence's blocks together: a block's values are converted to fp32 once (for all
 // G heads), then per head the block's scores, an online-softmax update (running max and sum,
@@ -385,23 +419,11 @@ static void paged_decode_heads(const T* q, int64_t ldq, const T* cache, const in
                             _mm512_store_ps(kf[j] + 16 * i, load16(cache + at + j * D + 16 * i));
                             _mm512_store_ps(vf[j] + 16 * i, load16(cache + plane + at + j * D + 16 * i));
                         }
-                // bf16: the values of keys 2t and 2t+1 interleaved into bf16 pairs (dpbf16's
-                // operand), once per block for the G heads; per 128-bit lane, unpacklo holds dims
-                // 0-3 and unpackhi dims 4-7 of each 8, so the accumulators are kept in that
-                // order and put back in place at the end. A missing odd key counts as zeros.
+                // bf16: values in key pairs, once per block for the G heads
                 __m512i vpairs[8][2 * NB];
                 const int64_t npairs = (n + 1) / 2;
-                if (BF16_DOTS)
-                    for (int64_t t = 0; t < npairs; t++) {
-                        const T* v0 = cache + plane + at + 2 * t * D;
-                        for (int i = 0; i < NB; i++) {
-                            const __m512i a = _mm512_loadu_si512(v0 + 32 * i);
-                            const __m512i c = 2 * t + 1 < n ? _mm512_loadu_si512(v0 + D + 32 * i)
-                                                            : _mm512_setzero_si512();
-                            vpairs[t][2 * i] = _mm512_unpacklo_epi16(a, c);
-                            vpairs[t][2 * i + 1] = _mm512_unpackhi_epi16(a, c);
-                        }
-                    }
+                if constexpr (BF16_DOTS)
+                    interleave_value_pairs<NB>(cache + plane + at, n, D, vpairs);
                 for (int64_t g = 0; g < G; g++) {
                     __m512 dots[16];
                     if constexpr (BF16_DOTS) {
@@ -470,17 +492,8 @@ static void paged_decode_heads(const T* q, int64_t ldq, const T* cache, const in
             for (int64_t g = 0; g < G; g++) {
                 const __m512 inv = _mm512_set1_ps(1.f / l[g]);
                 T* op = out + (b * H + h * G + g) * D;
-                if (BF16_DOTS) {          // (lanes of lo, hi) → dims in order, 32 at a time
-                    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19,
-                                                            4, 5, 6, 7, 20, 21, 22, 23);
-                    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
-                    for (int i = 0; i < NB; i++) {
-                        const __m512 lo = _mm512_load_ps(acc[g] + 32 * i);
-                        const __m512 hi = _mm512_load_ps(acc[g] + 32 * i + 16);
-                        store16(op + 32 * i, _mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), inv));
-                        store16(op + 32 * i + 16,
-                                _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), inv));
-                    }
+                if constexpr (BF16_DOTS) {
+                    store_value_sum<NB>(acc[g], 1.f / l[g], op);
                 } else {
                     for (int i = 0; i < NV; i++)
                         store16(op + 16 * i, _mm512_mul_ps(_mm512_load_ps(acc[g] + 16 * i), inv));
@@ -564,17 +577,7 @@ static void paged_prefill_heads(const bf16* q, int64_t ldq, const bf16* cache,
                     _mm512_store_si512(kt[dp], _mm512_mask_i32gather_epi32(
                         _mm512_setzero_si512(), present, key_offsets, kb + dp, 4));
                 __m512i vpairs[8][2 * NB];
-                const int64_t npairs = (n + 1) / 2;
-                for (int64_t p = 0; p < npairs; p++) {
-                    const bf16* v0 = cache + plane + at + 2 * p * D;
-                    for (int i = 0; i < NB; i++) {
-                        const __m512i a = _mm512_loadu_si512(v0 + 32 * i);
-                        const __m512i c = 2 * p + 1 < n ? _mm512_loadu_si512(v0 + D + 32 * i)
-                                                        : _mm512_setzero_si512();
-                        vpairs[p][2 * i] = _mm512_unpacklo_epi16(a, c);
-                        vpairs[p][2 * i + 1] = _mm512_unpackhi_epi16(a, c);
-                    }
-                }
+                interleave_value_pairs<NB>(cache + plane + at, n, D, vpairs);
                 for (int64_t v0 = 0; v0 < nq; v0 += 4) {
                     const int64_t nv = std::min<int64_t>(4, nq - v0);
                     __m512 s[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
@@ -614,19 +617,9 @@ static void paged_prefill_heads(const bf16* q, int64_t ldq, const bf16* cache,
                     }
                 }
             }
-            const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19,
-                                                    4, 5, 6, 7, 20, 21, 22, 23);
-            const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
-            for (int64_t v = 0; v < nq; v++) {
-                const __m512 inv = _mm512_set1_ps(1.f / l[v]);
-                bf16* op = out + ((r0 + v / G) * H + h * G + v % G) * D;
-                for (int i = 0; i < NB; i++) {
-                    const __m512 lo = _mm512_load_ps(acc[v] + 32 * i);
-                    const __m512 hi = _mm512_load_ps(acc[v] + 32 * i + 16);
-                    store16(op + 32 * i, _mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), inv));
-                    store16(op + 32 * i + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), inv));
-                }
-            }
+            for (int64_t v = 0; v < nq; v++)
+                store_value_sum<NB>(acc[v], 1.f / l[v],
+                                    out + ((r0 + v / G) * H + h * G + v % G) * D);
         }
 }
 #endif
