@@ -45,6 +45,30 @@ def _make_smollm2(**options):
     return llm
 
 
+def _save_random_model(cfg, folder: str, seed: int = 0):
+    """A random-weight transformers model of `cfg` saved as a HF folder ember loads (safetensors
+    beside the default model's tokenizer); returns the transformers model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ember.models.gguf_loader import default_gguf_path, load_gguf_tokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        # transformers initialises norms to 1 and biases to 0: a swapped or dropped norm weight
+        # or bias would go unnoticed, so give them random values too
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1 + 0.3 * torch.randn_like(param))
+            elif name.endswith(".bias"):
+                param.copy_(0.3 * torch.randn_like(param))
+    model.save_pretrained(folder, safe_serialization=True)
+    # any tokenizer covering the vocabulary will do: the default model's (from its GGUF)
+    load_gguf_tokenizer(default_gguf_path()).save_pretrained(folder)
+    return model
+
+
 def _assert_engine_idle(llm) -> None:
     """No request left anywhere, KV bookkeeping consistent, every block free or evictable."""
     engine = llm.engine
@@ -75,6 +99,12 @@ def make_smollm2():
 @pytest.fixture(scope="session")
 def kv_bytes_for_blocks():
     return _kv_bytes_for_blocks
+
+
+@pytest.fixture(scope="session")
+def save_random_model():
+    """save_random_model(transformers config, folder, seed=0) → the transformers model, saved."""
+    return _save_random_model
 
 
 @pytest.fixture(scope="session")

@@ -192,7 +192,7 @@ def test_graph_batch_sizes_and_padding():
         [1, 4, 8, 16, 40, 40, None]
 
 
-def test_decode_graph_path_matches_eager(backend_cls, monkeypatch, tmp_path):
+def test_decode_graph_path_matches_eager(backend_cls, monkeypatch, tmp_path, save_random_model):
     """The runner's captured-decode path end to end on the CPU: 'capture' records the step
     function and 'replay' reruns it into the captured output, so the static input buffers, the
     padded batch and the persistent attention metadata are exercised as on a GPU. Greedy tokens
@@ -200,16 +200,12 @@ def test_decode_graph_path_matches_eager(backend_cls, monkeypatch, tmp_path):
     from transformers import LlamaConfig
 
     from ember import LLM, SamplingParams, platforms
-    from ember.models.gguf_loader import default_gguf_path, load_gguf_tokenizer
 
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                       num_key_value_heads=2, num_hidden_layers=2, vocab_size=49152,
                       max_position_embeddings=256, initializer_range=0.15, bos_token_id=1,
                       eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
-    from transformers import AutoModelForCausalLM
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(tmp_path)
-    load_gguf_tokenizer(default_gguf_path()).save_pretrained(tmp_path)
+    save_random_model(cfg, str(tmp_path))
 
     class ReplayGraph:
         def __init__(self, fn, out):

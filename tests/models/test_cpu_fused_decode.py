@@ -37,9 +37,7 @@ def _generate(llm, prompts):
 
 @pytest.mark.parametrize("quantization", [None, "int8"])
 @pytest.mark.parametrize("case", ["llama", "qwen2-bias", "qwen3-qknorm", "mistral-window"])
-def test_fused_decode_equals_modules(case, quantization, tmp_path):
-    from test_tiny_models import save_random_model   # pytest puts this folder on sys.path
-
+def test_fused_decode_equals_modules(case, quantization, tmp_path, save_random_model):
     from ember import LLM
 
     save_random_model(_config(case), str(tmp_path), seed=0)

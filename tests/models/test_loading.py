@@ -6,22 +6,18 @@ import os
 import shutil
 
 import pytest
-import torch
 
 from ember import SamplingParams
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from ember.models.gguf_loader import default_gguf_path, load_gguf_tokenizer
+def tiny_folder(tmp_path_factory, save_random_model):
+    from transformers import LlamaConfig
     folder = str(tmp_path_factory.mktemp("tiny-llama"))
-    torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, vocab_size=49152,
                       max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
-    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
-    load_gguf_tokenizer(default_gguf_path()).save_pretrained(folder)
+    save_random_model(cfg, folder)
     return folder
 
 

@@ -49,37 +49,11 @@ CASES = ["llama-tied", "llama-untied-llama3", "llama-linear", "qwen2-bias", "qwe
          "mistral-window"]
 
 
-def _build(case: str, folder: str):
-    return save_random_model(_configs()[case], folder, seed=CASES.index(case))
-
-
-def save_random_model(cfg, folder: str, seed: int):
-    """A random-weight transformers model of `cfg` saved as a HF folder ember loads (safetensors
-    beside the default model's tokenizer); returns the transformers model."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():
-        # transformers initialises norms to 1 and biases to 0: a swapped or dropped norm weight
-        # or bias would go unnoticed, so give them random values too
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1 + 0.3 * torch.randn_like(param))
-            elif name.endswith(".bias"):
-                param.copy_(0.3 * torch.randn_like(param))
-    model.save_pretrained(folder, safe_serialization=True)
-    # any tokenizer covering the vocabulary will do: the default model's (from its GGUF)
-    from ember.models.gguf_loader import default_gguf_path, load_gguf_tokenizer
-    load_gguf_tokenizer(default_gguf_path()).save_pretrained(folder)
-    return model
-
-
 @pytest.fixture(scope="module", params=CASES)
-def tiny(request, tmp_path_factory):
+def tiny(request, tmp_path_factory, save_random_model):
     case = request.param
     folder = str(tmp_path_factory.mktemp(case))
-    hf = _build(case, folder)
+    hf = save_random_model(_configs()[case], folder, seed=CASES.index(case))
     from ember import LLM
 
     llm = LLM(folder, dtype="float32", block_size=8, max_num_batched_tokens=48,
@@ -188,13 +162,13 @@ def test_reference_is_sensitive(tiny):
     assert _hf_greedy(other, prompt) != ref, f"{case}: the reference does not depend on it"
 
 
-def test_output_does_not_depend_on_uninitialised_memory(monkeypatch, tmp_path):
+def test_output_does_not_depend_on_uninitialised_memory(monkeypatch, tmp_path, save_random_model):
     """Build an engine while torch.empty hands out NaN-filled memory (as a reused allocation may):
     the output must still match transformers, since nothing may read a slot before writing it."""
     from ember import LLM
 
     folder = str(tmp_path / "llama")
-    hf = _build("llama-tied", folder)
+    hf = save_random_model(_configs()["llama-tied"], folder, seed=CASES.index("llama-tied"))
     real_empty = torch.empty
 
     def garbage_empty(*args, **kwargs):

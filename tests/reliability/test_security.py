@@ -9,7 +9,6 @@ import shutil
 
 import httpx
 import pytest
-import torch
 
 from reliability_helpers import SMALL_KEY, assert_openai_error
 
@@ -102,20 +101,17 @@ EVIL_MODULE = "import pathlib\npathlib.Path({marker!r}).write_text('ran')\n"
 
 
 @pytest.fixture(scope="module")
-def booby_trapped_folder(tmp_path_factory):
+def booby_trapped_folder(tmp_path_factory, save_random_model):
     """A loadable tiny Llama folder that also carries every way a folder can smuggle code: custom
     modeling and tokenizer classes through auto_map, and a pickled .bin next to the safetensors."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
-    from ember.models.gguf_loader import default_gguf_path, load_gguf_tokenizer
     folder = tmp_path_factory.mktemp("trapped")
     marker = str(folder.parent / "CODE_RAN")
-    torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, vocab_size=49152,
                       max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
-    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
-    load_gguf_tokenizer(default_gguf_path()).save_pretrained(folder)
+    save_random_model(cfg, str(folder))
     for name in ("modeling_evil.py", "configuration_evil.py", "tokenization_evil.py"):
         (folder / name).write_text(EVIL_MODULE.format(marker=marker))
     config = json.loads((folder / "config.json").read_text())
