@@ -110,6 +110,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if (gpu := gpu_kernels(x)) is not None:
         return gpu.rms_norm(x, weight, eps, residual)
     lib = cpu_kernels(x)
+    if lib is not None and residual is None and x.stride(-1) == 1:
+        x = x.contiguous()       # e.g. Qwen3's q/k heads, views of the qkv projection
     if lib is not None and weight.dtype == x.dtype and x.is_contiguous() and x.shape[-1] % 16 == 0 and (
             residual is None or (residual.is_contiguous() and residual.dtype == x.dtype)):
         out = torch.empty_like(x)

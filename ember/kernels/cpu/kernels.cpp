@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 #include <immintrin.h>
 
@@ -367,27 +368,18 @@ static inline void store_value_sum(const float* acc, float inv, bf16* out) {
         store16(out + 32 * i + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), scale));
     }
 }
-
 // ---------------------------------------------------------------------------------------------
 // paged_decode: one query per sequence. For each (sequence, KV head), the G query heads of that
-// group walk the sequence's blocks together: a block's values are converted to fp32 once (for all
-// G heads), then per head the block's scores, an online-softmax update (running max and sum,
-// rescaled per block) and the value sum in fp32, read straight from the cache. Scores: in bf16
-// (head size a multiple of 32, AVX-512 BF16) q·k is summed by dpbf16 straight from the cache's
-// bf16 keys and then scaled, as torch's bf16 matmul computes it; otherwise keys are converted to
-// fp32 like the values and dotted with the pre-scaled query.
+// group walk the sequence's blocks together: a block's keys and values are converted to fp32 once
+// (for all G heads), then per head the block's scores against the pre-scaled query, an
+// online-softmax update (running max and sum, rescaled per block) and the value sum in fp32. In
+// bf16 with a head size a multiple of 32, paged_decode_bf16 (below) serves instead.
 template <typename T, int D>
 static void paged_decode_heads(const T* q, int64_t ldq, const T* cache, const int32_t* tables,
                                int64_t max_blocks, const int32_t* ctx_lens, T* out, int64_t B,
                                int64_t H, int64_t HK, int64_t num_blocks, int64_t bs, float scale,
                                int64_t window) {
     constexpr int NV = D / 16;
-#if defined(__AVX512BF16__)
-    constexpr bool BF16_DOTS = std::is_same<T, bf16>::value && D % 32 == 0;
-#else
-    constexpr bool BF16_DOTS = false;
-#endif
-    constexpr int NB = BF16_DOTS ? D / 32 : 1;   // bf16 pair vectors per row
     const int64_t G = H / HK, plane = HK * num_blocks * bs * D;
     #pragma omp parallel for collapse(2) schedule(dynamic, 1)
     for (int64_t b = 0; b < B; b++)
@@ -399,12 +391,10 @@ static void paged_decode_heads(const T* q, int64_t ldq, const T* cache, const in
             for (int64_t g = 0; g < G; g++) {
                 const T* qp = q + b * ldq + (h * G + g) * D;
                 for (int i = 0; i < NV; i++) {
-                    const __m512 qs = BF16_DOTS ? _mm512_setzero_ps()
-                                                : _mm512_mul_ps(load16(qp + 16 * i), _mm512_set1_ps(scale));
-                    _mm512_store_ps(qf[g] + 16 * i, qs);
+                    _mm512_store_ps(qf[g] + 16 * i, _mm512_mul_ps(load16(qp + 16 * i),
+                                                                  _mm512_set1_ps(scale)));
                     _mm512_store_ps(acc[g] + 16 * i, _mm512_setzero_ps());
                 }
-                if (BF16_DOTS) std::memcpy(qf[g], qp, D * sizeof(T));   // raw bf16 pairs
                 m[g] = -INFINITY;
                 l[g] = 0.f;
             }
@@ -413,46 +403,22 @@ static void paged_decode_heads(const T* q, int64_t ldq, const T* cache, const in
                 const int64_t n = j1 - j0;
                 const int64_t at = ((h * num_blocks + tables[b * max_blocks + blk]) * bs
                                     + j0 - blk * bs) * D;
-                if (!BF16_DOTS)
-                    for (int64_t j = 0; j < n; j++)
-                        for (int i = 0; i < NV; i++) {
-                            _mm512_store_ps(kf[j] + 16 * i, load16(cache + at + j * D + 16 * i));
-                            _mm512_store_ps(vf[j] + 16 * i, load16(cache + plane + at + j * D + 16 * i));
-                        }
-                // bf16: values in key pairs, once per block for the G heads
-                __m512i vpairs[8][2 * NB];
-                const int64_t npairs = (n + 1) / 2;
-                if constexpr (BF16_DOTS)
-                    interleave_value_pairs<NB>(cache + plane + at, n, D, vpairs);
+                for (int64_t j = 0; j < n; j++)
+                    for (int i = 0; i < NV; i++) {
+                        _mm512_store_ps(kf[j] + 16 * i, load16(cache + at + j * D + 16 * i));
+                        _mm512_store_ps(vf[j] + 16 * i, load16(cache + plane + at + j * D + 16 * i));
+                    }
                 for (int64_t g = 0; g < G; g++) {
                     __m512 dots[16];
-                    if constexpr (BF16_DOTS) {
-#if defined(__AVX512BF16__)
-                        __m512bh qb[NB];
-                        for (int i = 0; i < NB; i++)
-                            qb[i] = (__m512bh)_mm512_load_si512(qf[g] + 16 * i);
-                        for (int64_t j = 0; j < 16; j++) {
-                            dots[j] = _mm512_setzero_ps();
-                            if (j >= n) continue;
-                            const T* kr = cache + at + j * D;
-                            for (int i = 0; i < NB; i++)
-                                dots[j] = _mm512_dpbf16_ps(
-                                    dots[j], qb[i], (__m512bh)_mm512_loadu_si512(kr + 32 * i));
-                        }
-#endif
-                    } else {
-                        __m512 qv[NV];
-                        for (int i = 0; i < NV; i++) qv[i] = _mm512_load_ps(qf[g] + 16 * i);
-                        for (int64_t j = 0; j < 16; j++) {
-                            if (j >= n) { dots[j] = _mm512_setzero_ps(); continue; }
-                            dots[j] = _mm512_mul_ps(qv[0], _mm512_load_ps(kf[j]));
-                            for (int i = 1; i < NV; i++)
-                                dots[j] = _mm512_fmadd_ps(qv[i], _mm512_load_ps(kf[j] + 16 * i),
-                                                          dots[j]);
-                        }
+                    __m512 qv[NV];
+                    for (int i = 0; i < NV; i++) qv[i] = _mm512_load_ps(qf[g] + 16 * i);
+                    for (int64_t j = 0; j < 16; j++) {
+                        if (j >= n) { dots[j] = _mm512_setzero_ps(); continue; }
+                        dots[j] = _mm512_mul_ps(qv[0], _mm512_load_ps(kf[j]));
+                        for (int i = 1; i < NV; i++)
+                            dots[j] = _mm512_fmadd_ps(qv[i], _mm512_load_ps(kf[j] + 16 * i), dots[j]);
                     }
-                    __m512 scores = hsum16(dots);
-                    if (BF16_DOTS) scores = _mm512_mul_ps(scores, _mm512_set1_ps(scale));
+                    const __m512 scores = hsum16(dots);
                     const __mmask16 valid = (__mmask16)((1u << n) - 1);
                     const __m512 sv = _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), scores);
                     const float mx = std::max(m[g], _mm512_reduce_max_ps(sv));
@@ -464,27 +430,12 @@ static void paged_decode_heads(const T* q, int64_t ldq, const T* cache, const in
                     __m512 a[NV];
                     for (int i = 0; i < NV; i++)
                         a[i] = _mm512_mul_ps(_mm512_load_ps(acc[g] + 16 * i), _mm512_set1_ps(corr));
-                    if constexpr (BF16_DOTS) {
-#if defined(__AVX512BF16__)
-                        // probabilities in bf16, as torch's bf16 attention multiplies them by V
-                        alignas(32) uint16_t pb[16];
-                        _mm256_store_si256((__m256i*)pb, (__m256i)_mm512_cvtneps_pbh(p));
-                        for (int64_t t = 0; t < npairs; t++) {
-                            int32_t pair;
-                            std::memcpy(&pair, pb + 2 * t, 4);
-                            const __m512bh pp = (__m512bh)_mm512_set1_epi32(pair);
-                            for (int i = 0; i < NV; i++)
-                                a[i] = _mm512_dpbf16_ps(a[i], pp, (__m512bh)vpairs[t][i]);
-                        }
-#endif
-                    } else {
-                        alignas(64) float pj[16];
-                        _mm512_store_ps(pj, p);
-                        for (int64_t j = 0; j < n; j++) {
-                            const __m512 pv = _mm512_set1_ps(pj[j]);
-                            for (int i = 0; i < NV; i++)
-                                a[i] = _mm512_fmadd_ps(pv, _mm512_load_ps(vf[j] + 16 * i), a[i]);
-                        }
+                    alignas(64) float pj[16];
+                    _mm512_store_ps(pj, p);
+                    for (int64_t j = 0; j < n; j++) {
+                        const __m512 pv = _mm512_set1_ps(pj[j]);
+                        for (int i = 0; i < NV; i++)
+                            a[i] = _mm512_fmadd_ps(pv, _mm512_load_ps(vf[j] + 16 * i), a[i]);
                     }
                     for (int i = 0; i < NV; i++) _mm512_store_ps(acc[g] + 16 * i, a[i]);
                 }
@@ -492,21 +443,167 @@ static void paged_decode_heads(const T* q, int64_t ldq, const T* cache, const in
             for (int64_t g = 0; g < G; g++) {
                 const __m512 inv = _mm512_set1_ps(1.f / l[g]);
                 T* op = out + (b * H + h * G + g) * D;
-                if constexpr (BF16_DOTS) {
-                    store_value_sum<NB>(acc[g], 1.f / l[g], op);
-                } else {
-                    for (int i = 0; i < NV; i++)
-                        store16(op + 16 * i, _mm512_mul_ps(_mm512_load_ps(acc[g] + 16 * i), inv));
-                }
+                for (int i = 0; i < NV; i++)
+                    store16(op + 16 * i, _mm512_mul_ps(_mm512_load_ps(acc[g] + 16 * i), inv));
             }
         }
 }
+
+// ---------------------------------------------------------------------------------------------
+// paged_decode_bf16 (head size a multiple of 32, AVX-512 BF16): a (sequence, KV head) item walks
+// its keys in chunks of up to C positions, three passes per chunk, each a loop of independent
+// work (a softmax update per 16-key block was one long chain of reductions and waited on it):
+//   (1) scores of the chunk's keys for the G query heads: q·k by dpbf16 straight from the cache's
+//       bf16 keys, summed 16 keys at a time by hsum16, then scaled, as torch's bf16 matmul does;
+//   (2) per head, one online-softmax update over the chunk (one max, one rescale); probabilities
+//       rounded to bf16, as torch's bf16 attention multiplies them by V;
+//   (3) p·v by dpbf16 against the chunk's values interleaved in key pairs once for all G heads,
+//       with two sets of accumulators so that consecutive dot products do not wait on each other.
+// Blocks lie anywhere in the cache, so the hardware prefetcher cannot follow them: while scoring
+// a 16-key group, the keys and values PREFETCH_LEAD positions ahead are requested into L2, past
+// the item's end into the next item this thread has already claimed (items are handed out one
+// ahead from an atomic counter, dynamically, so long and short sequences still balance).
+#if defined(__AVX512BF16__)
+constexpr int64_t PREFETCH_LEAD = 32;
+
+static inline void prefetch_l2(const void* p, int64_t bytes) {
+    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char*)p + o, _MM_HINT_T1);
+}
+
+template <int D>
+static void paged_decode_bf16(const bf16* q, int64_t ldq, const bf16* cache, const int32_t* tables,
+                              int64_t max_blocks, const int32_t* ctx_lens, bf16* out, int64_t B,
+                              int64_t H, int64_t HK, int64_t num_blocks, int64_t bs, float scale,
+                              int64_t window) {
+    constexpr int NB = D / 32, NV = D / 16;
+    constexpr int C = std::min(128, 8192 / D / 16 * 16);   // the interleaved values: 16 KB
+    const int64_t G = H / HK, plane = HK * num_blocks * bs * D, items = B * HK;
+    auto first = [&](int64_t b) {
+        return window > 0 ? std::max<int64_t>(0, ctx_lens[b] - window) : int64_t(0);
+    };
+    auto row = [&](int64_t item, int64_t pos) {    // where item's key (or value) at pos lies
+        const int64_t b = item / HK, h = item % HK;
+        return ((h * num_blocks + tables[b * max_blocks + pos / bs]) * bs + pos % bs) * D;
+    };
+    std::atomic<int64_t> claimed{0};
+    #pragma omp parallel
+    for (int64_t item = claimed.fetch_add(1), next; item < items; item = next) {
+        next = claimed.fetch_add(1);
+        const int64_t b = item / HK, h = item % HK, ctx = ctx_lens[b];
+        alignas(64) float acc[8][D], s[8][C];
+        alignas(64) uint16_t p[8][C];
+        alignas(64) __m512i vpairs[C / 2][2 * NB];
+        const bf16* krow[C];
+        float m[8], l[8];
+        for (int64_t g = 0; g < G; g++) {
+            m[g] = -INFINITY;
+            l[g] = 0.f;
+            for (int i = 0; i < NV; i++) _mm512_store_ps(acc[g] + 16 * i, _mm512_setzero_ps());
+        }
+        for (int64_t c0 = first(b); c0 < ctx; c0 += C) {
+            const int64_t n = std::min<int64_t>(C, ctx - c0), padded = (n + 15) / 16 * 16;
+            for (int64_t j = 0; j < n; j++) krow[j] = cache + row(item, c0 + j);
+            // (1) scores
+            for (int64_t j0 = 0; j0 < n; j0 += 16) {
+                int64_t ahead = c0 + j0 + PREFETCH_LEAD, owner = item;
+                if (ahead >= ctx && next < items) {
+                    ahead = first(next / HK) + ahead - ctx;
+                    owner = next;
+                }
+                if (ahead < ctx_lens[owner / HK]) {
+                    const int64_t at = row(owner, ahead);
+                    prefetch_l2(cache + at, 16 * D * sizeof(bf16));
+                    prefetch_l2(cache + plane + at, 16 * D * sizeof(bf16));
+                }
+                for (int64_t g = 0; g < G; g++) {
+                    const bf16* qp = q + b * ldq + (h * G + g) * D;
+                    __m512bh qb[NB];
+                    for (int i = 0; i < NB; i++) qb[i] = (__m512bh)_mm512_loadu_si512(qp + 32 * i);
+                    __m512 dots[16];
+                    for (int64_t j = 0; j < 16; j++) {
+                        dots[j] = _mm512_setzero_ps();
+                        if (j0 + j < n)
+                            for (int i = 0; i < NB; i++)
+                                dots[j] = _mm512_dpbf16_ps(
+                                    dots[j], qb[i], (__m512bh)_mm512_loadu_si512(krow[j0 + j] + 32 * i));
+                    }
+                    _mm512_store_ps(s[g] + j0, _mm512_mul_ps(hsum16(dots), _mm512_set1_ps(scale)));
+                }
+            }
+            // (2) the softmax update; keys past n get probability 0
+            float corr[8];
+            const __mmask16 tail = (__mmask16)((1u << (n - (padded - 16))) - 1);
+            for (int64_t g = 0; g < G; g++) {
+                __m512 mx = _mm512_set1_ps(m[g]);
+                for (int64_t j = 0; j < padded; j += 16)
+                    mx = _mm512_mask_max_ps(mx, j + 16 <= n ? (__mmask16)0xffff : tail, mx,
+                                            _mm512_load_ps(s[g] + j));
+                const float mnew = _mm512_reduce_max_ps(mx);
+                corr[g] = std::exp(m[g] - mnew);
+                __m512 sum = _mm512_setzero_ps();
+                for (int64_t j = 0; j < padded; j += 16) {
+                    const __m512 e = _mm512_maskz_mov_ps(
+                        j + 16 <= n ? (__mmask16)0xffff : tail,
+                        exp16(_mm512_sub_ps(_mm512_load_ps(s[g] + j), _mm512_set1_ps(mnew))));
+                    sum = _mm512_add_ps(sum, e);
+                    _mm256_store_si256((__m256i*)(p[g] + j), (__m256i)_mm512_cvtneps_pbh(e));
+                }
+                l[g] = l[g] * corr[g] + _mm512_reduce_add_ps(sum);
+                m[g] = mnew;
+            }
+            // (3) values in key pairs (a missing odd key is zeros), then p·v per head
+            const int64_t npairs = (n + 1) / 2;
+            for (int64_t t = 0; t < npairs; t++) {
+                const bf16* va = cache + plane + row(item, c0 + 2 * t);
+                const bf16* vb = 2 * t + 1 < n ? cache + plane + row(item, c0 + 2 * t + 1) : nullptr;
+                for (int i = 0; i < NB; i++) {
+                    const __m512i x = _mm512_loadu_si512(va + 32 * i);
+                    const __m512i y = vb ? _mm512_loadu_si512(vb + 32 * i) : _mm512_setzero_si512();
+                    vpairs[t][2 * i] = _mm512_unpacklo_epi16(x, y);
+                    vpairs[t][2 * i + 1] = _mm512_unpackhi_epi16(x, y);
+                }
+            }
+            for (int64_t g = 0; g < G; g++) {
+                __m512 a0[NV], a1[NV];
+                for (int i = 0; i < NV; i++) {
+                    a0[i] = _mm512_mul_ps(_mm512_load_ps(acc[g] + 16 * i), _mm512_set1_ps(corr[g]));
+                    a1[i] = _mm512_setzero_ps();
+                }
+                const int32_t* pairs = (const int32_t*)p[g];   // probabilities of keys 2t, 2t+1
+                for (int64_t t = 0; t < npairs; t += 2) {
+                    const __m512bh p0 = (__m512bh)_mm512_set1_epi32(pairs[t]);
+                    for (int i = 0; i < NV; i++)
+                        a0[i] = _mm512_dpbf16_ps(a0[i], p0, (__m512bh)vpairs[t][i]);
+                    if (t + 1 < npairs) {
+                        const __m512bh p1 = (__m512bh)_mm512_set1_epi32(pairs[t + 1]);
+                        for (int i = 0; i < NV; i++)
+                            a1[i] = _mm512_dpbf16_ps(a1[i], p1, (__m512bh)vpairs[t + 1][i]);
+                    }
+                }
+                for (int i = 0; i < NV; i++)
+                    _mm512_store_ps(acc[g] + 16 * i, _mm512_add_ps(a0[i], a1[i]));
+            }
+        }
+        for (int64_t g = 0; g < G; g++)
+            store_value_sum<NB>(acc[g], 1.f / l[g], out + (b * H + h * G + g) * D);
+    }
+}
+#endif
 
 template <typename T>
 static void paged_decode_impl(const T* q, int64_t ldq, const T* cache, const int32_t* tables,
                               int64_t max_blocks, const int32_t* ctx_lens, T* out, int64_t B,
                               int64_t H, int64_t HK, int64_t num_blocks, int64_t bs, int64_t D,
                               float scale, int64_t window) {
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same<T, bf16>::value)
+        switch (D) {
+#define HEAD(d) case d: paged_decode_bf16<d>(q, ldq, cache, tables, max_blocks, ctx_lens, out, B, \
+                                             H, HK, num_blocks, bs, scale, window); return;
+            HEAD(32) HEAD(64) HEAD(96) HEAD(128) HEAD(160) HEAD(192) HEAD(256)
+#undef HEAD
+        }
+#endif
     switch (D) {      // head sizes as compile-time constants: the accumulators stay in registers
 #define HEAD(d) case d: paged_decode_heads<T, d>(q, ldq, cache, tables, max_blocks, ctx_lens, out, \
                                                  B, H, HK, num_blocks, bs, scale, window); break;
