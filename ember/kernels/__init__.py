@@ -145,6 +145,17 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(x, -1) of a 2-D tensor; on the CPU read once in its dtype (no fp32 copy)."""
+    lib = cpu_kernels(x)
+    if lib is not None and x.dim() == 2 and x.stride(-1) == 1 and x.shape[1] > 0:
+        out = torch.empty(x.shape[0], dtype=torch.long)
+        lib.ember_argmax(_DTYPES[x.dtype], x.data_ptr(), x.stride(0), x.shape[0], x.shape[1],
+                         out.data_ptr())
+        return out
+    return x.argmax(-1)
+
+
 def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor):
     """Neox-style rotary embedding of q [T, H, D] and k [T, Hkv, D] (views are fine); cos_sin
     [max_pos, D] is (cos | sin). Returns the rotated q and k: new tensors on the CPU, q and k

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ember import kernels
 from ember.core.request import Request
 
 
@@ -138,6 +139,9 @@ class Sampler:
         self.generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
+        if (b.all_greedy and b.penalties is None and b.banned is None
+                and all(k is None for k in b.num_logprobs)):
+            return SamplerOutput(kernels.argmax(logits))     # the logits as they are, read once
         logits = logits.float()
         raw_logprobs = logits.log_softmax(-1) if any(k is not None for k in b.num_logprobs) else None
         if b.penalties is not None:
@@ -145,14 +149,14 @@ class Sampler:
         if b.banned is not None:
             logits = logits.index_put(b.banned, torch.tensor(float("-inf"), device=logits.device))
         if b.all_greedy:
-            tokens = logits.argmax(-1)
+            tokens = kernels.argmax(logits)
         else:
             scaled = logits / torch.where(b.greedy, 1.0, b.temperature).unsqueeze(1)
             probs = apply_top_k_top_p_min_p(scaled, b).softmax(-1)
             q = _exponential_noise(b, probs.shape, probs.device, self.generator)
             tokens = (probs / q).argmax(-1)
             if b.any_greedy:            # (a full pass over [B, V] saved when no row is greedy)
-                tokens = torch.where(b.greedy, logits.argmax(-1), tokens)
+                tokens = torch.where(b.greedy, kernels.argmax(logits), tokens)
         out = SamplerOutput(tokens)
         if raw_logprobs is not None:
             k = max(n or 0 for n in b.num_logprobs)

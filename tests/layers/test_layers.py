@@ -115,6 +115,28 @@ def test_unknown_rope_type_is_rejected():
         rope_frequencies(16, THETA, {"rope_type": "nonsense", "factor": 2.0}, 128, 128)
 
 
+# ---- argmax (greedy sampling) -----------------------------------------------------------------
+
+@pytest.mark.skipif(cpu_kernels.library() is None, reason="ember's CPU kernels are not built here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_kernel_matches_torch(dtype):
+    """First index of the maximum (ties, a tail past the 16-wide vectors), or of the first NaN,
+    on rows with a stride, as torch.argmax does."""
+    from ember import kernels
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(9, 1000, generator=g).to(dtype)
+    x = wide[:, :997]                        # 997 columns: a tail; rows strided by 1000
+    x[1, 5] = x[1, 700] = x[1].max() + 1     # a tie: the first wins
+    x[2, 996] = x[2].max() + 1               # the maximum in the tail
+    x[3, 40] = x[3, 900] = float("nan")      # NaN: the first NaN wins
+    x[4, 990] = float("nan")                 # NaN in the tail only
+    x[5] = float("-inf")                     # all -inf: index 0
+    x[6, 20] = float("inf")
+    got = kernels.argmax(x)
+    assert torch.equal(got, x.argmax(-1)), (got, x.argmax(-1))
+    assert got[1] == 5 and got[2] == 996 and got[3] == 40 and got[4] == 990 and got[5] == 0
+
+
 # ---- RMSNorm ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -37,6 +37,7 @@ _SIGNATURES = {
     "ember_rms_norm": ([_I32, _P, _P, _P, _P, _P, _I64, _I64, _F32], None),
     "ember_rotary": ([_I32, _P, _I64, _P, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _I64], None),
     "ember_silu_mul": ([_I32, _P, _P, _I64, _I64], None),
+    "ember_argmax": ([_I32, _P, _I64, _I64, _I64, _P], None),
     "ember_kv_write": ([_I64, _P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _I64], None),
     "ember_decode_layers": ([_P, _I64, _P, _P, _P, _I64, _P, _P, _P, _P, _I64, _P], None),
     "ember_paged_decode": ([_I32, _P, _I64, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64,

@@ -298,6 +298,46 @@ extern "C" void ember_silu_mul(int dtype, const void* gate_up, void* out, int64_
 }
 
 // ---------------------------------------------------------------------------------------------
+// argmax of each row of x [rows, cols] (row stride ld), as torch.argmax: the first index of the
+// largest value, or of the first NaN if the row has one. Greedy sampling reads the logits once,
+// in their own dtype, instead of converting them all to fp32 first.
+template <typename T>
+static void argmax_impl(const T* x, int64_t ld, int64_t rows, int64_t cols, int64_t* out) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const T* row = x + r * ld;
+        int64_t j = 0, best = 0;
+        float top = -INFINITY;
+        bool nan = false;
+        __m512 vmax = _mm512_set1_ps(-INFINITY);
+        for (; j + 16 <= cols; j += 16) {
+            const __m512 v = load16(row + j);
+            if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)) { nan = true; break; }
+            vmax = _mm512_max_ps(vmax, v);
+        }
+        if (!nan) {
+            top = _mm512_reduce_max_ps(vmax);
+            for (int64_t i = j; i < cols; i++) {
+                const float v = load(row, i);
+                if (v != v) { nan = true; break; }
+                top = std::max(top, v);
+            }
+        }
+        for (int64_t i = 0; i < cols; i++) {      // the first index that holds it
+            const float v = load(row, i);
+            if (nan ? v != v : v == top) { best = i; break; }
+        }
+        out[r] = best;
+    }
+}
+
+extern "C" void ember_argmax(int dtype, const void* x, int64_t ld, int64_t rows, int64_t cols,
+                             int64_t* out) {
+    if (dtype == 1) argmax_impl((const bf16*)x, ld, rows, cols, out);
+    else argmax_impl((const float*)x, ld, rows, cols, out);
+}
+
+// ---------------------------------------------------------------------------------------------
 // kv_write: token t's keys/values (rows of k and v, stride ldk/ldv) into slot slot_mapping[t] of a
 // cache laid out [2, Hkv, num_blocks * block_size, D] (the torch backend's head-major layout).
 extern "C" void ember_kv_write(int64_t elem, const void* k, int64_t ldk, const void* v, int64_t ldv,
