@@ -667,12 +667,14 @@ extern "C" void ember_paged_decode(int dtype, const void* q, int64_t ldq, const 
 }
 
 // ---------------------------------------------------------------------------------------------
-// paged_prefill (bf16, head size a multiple of 32, no sliding window): like paged_decode, but a
-// work item is a tile of consecutive query rows of one request (tile_starts[t] .. [t+1]; row i
-// sees context[i] keys) and one KV head, so that each key block is prepared once for the tile's
-// rows × G heads: keys transposed to [D/2][16 keys] bf16 pairs (q·k for 16 keys is then D/2
-// dot products with a broadcast query pair: no horizontal sums), values interleaved in key pairs
-// as in paged_decode. Query vectors go four at a time against each loaded key vector.
+// paged_prefill (bf16, head size a multiple of 32, no sliding window): a work item is a tile of
+// consecutive query rows of one request (tile_starts[t] .. [t+1]; row i sees context[i] keys) and
+// one KV head, so that each key block is prepared once for the tile's rows × G heads: keys
+// transposed to [D/2][16 keys] bf16 pairs (q·k for 16 keys is then D/2 dot products with a
+// broadcast query pair: no horizontal sums), values interleaved in key pairs as in paged_decode.
+// Blocks go in chunks of up to CB; per chunk, four query vectors at a time: the scores of all the
+// chunk's keys, one online-softmax update per query over the whole chunk, then p·v (the update's
+// reductions are chains of dependent instructions: once per chunk, not once per block).
 #if defined(__AVX512BF16__)
 constexpr int PREFILL_MAX_Q = 32;          // query vectors (rows × G) a tile may hold
 
@@ -681,7 +683,7 @@ static void paged_prefill_heads(const bf16* q, int64_t ldq, const bf16* cache,
                                 const int32_t* tables, int64_t max_blocks, const int32_t* ctx_lens,
                                 const int32_t* tile_starts, int64_t num_tiles, bf16* out,
                                 int64_t H, int64_t HK, int64_t num_blocks, int64_t bs, float scale) {
-    constexpr int NB = D / 32, NV = D / 16, DP = D / 2;
+    constexpr int NB = D / 32, NV = D / 16, DP = D / 2, CB = D <= 128 ? 4 : 2;
     const int64_t G = H / HK, plane = HK * num_blocks * bs * D;
     #pragma omp parallel for collapse(2) schedule(dynamic, 1)
     for (int64_t t = 0; t < num_tiles; t++)
@@ -690,7 +692,8 @@ static void paged_prefill_heads(const bf16* q, int64_t ldq, const bf16* cache,
             const int64_t last = ctx_lens[tile_starts[t + 1] - 1];
             const int32_t* table = tables + r0 * max_blocks;
             alignas(64) float acc[PREFILL_MAX_Q][D];
-            alignas(64) int32_t kt[DP][16];
+            alignas(64) int32_t kt[CB][DP][16];
+            alignas(64) __m512i vpairs[CB][8][2 * NB];
             float m[PREFILL_MAX_Q], l[PREFILL_MAX_Q];
             const int32_t* qrow[PREFILL_MAX_Q];          // query vector v: row v / G, head v % G
             int64_t ctx[PREFILL_MAX_Q];
@@ -705,52 +708,76 @@ static void paged_prefill_heads(const bf16* q, int64_t ldq, const bf16* cache,
             const __m512i key_offsets = _mm512_mullo_epi32(
                 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                 _mm512_set1_epi32(DP));                      // key j's row, in int32 units
-            for (int64_t blk = 0; blk * bs < last; blk++) {
-                const int64_t j0 = blk * bs, n = std::min(last, j0 + bs) - j0;
-                const int64_t at = ((h * num_blocks + table[blk]) * bs) * D;
-                const __mmask16 present = (__mmask16)((1u << n) - 1);
-                const int32_t* kb = (const int32_t*)(cache + at);
-                for (int dp = 0; dp < DP; dp++)
-                    _mm512_store_si512(kt[dp], _mm512_mask_i32gather_epi32(
-                        _mm512_setzero_si512(), present, key_offsets, kb + dp, 4));
-                __m512i vpairs[8][2 * NB];
-                interleave_value_pairs<NB>(cache + plane + at, n, D, vpairs);
+            const int64_t num_blk = (last + bs - 1) / bs;
+            for (int64_t c0 = 0; c0 < num_blk; c0 += CB) {
+                const int64_t nb = std::min<int64_t>(CB, num_blk - c0);
+                for (int64_t i = 0; i < nb; i++) {
+                    const int64_t j0 = (c0 + i) * bs, n = std::min(last, j0 + bs) - j0;
+                    const int64_t at = ((h * num_blocks + table[c0 + i]) * bs) * D;
+                    const __mmask16 present = (__mmask16)((1u << n) - 1);
+                    const int32_t* kb = (const int32_t*)(cache + at);
+                    for (int dp = 0; dp < DP; dp++)
+                        _mm512_store_si512(kt[i][dp], _mm512_mask_i32gather_epi32(
+                            _mm512_setzero_si512(), present, key_offsets, kb + dp, 4));
+                    interleave_value_pairs<NB>(cache + plane + at, n, D, vpairs[i]);
+                }
                 for (int64_t v0 = 0; v0 < nq; v0 += 4) {
                     const int64_t nv = std::min<int64_t>(4, nq - v0);
-                    __m512 s[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                                   _mm512_setzero_ps()};
-                    for (int dp = 0; dp < DP; dp++) {
-                        const __m512bh k = (__m512bh)_mm512_load_si512(kt[dp]);
-                        for (int u = 0; u < 4; u++)
-                            if (u < nv)
-                                s[u] = _mm512_dpbf16_ps(
-                                    s[u], (__m512bh)_mm512_set1_epi32(qrow[v0 + u][dp]), k);
+                    __m512 s[4][CB];
+                    for (int64_t i = 0; i < nb; i++) {
+                        for (int u = 0; u < 4; u++) s[u][i] = _mm512_setzero_ps();
+                        for (int dp = 0; dp < DP; dp++) {
+                            const __m512bh k = (__m512bh)_mm512_load_si512(kt[i][dp]);
+                            for (int u = 0; u < 4; u++)
+                                if (u < nv)
+                                    s[u][i] = _mm512_dpbf16_ps(
+                                        s[u][i], (__m512bh)_mm512_set1_epi32(qrow[v0 + u][dp]), k);
+                        }
                     }
                     for (int u = 0; u < nv; u++) {
-                        const int64_t v = v0 + u, nk = std::min(ctx[v], j0 + bs) - j0;
-                        if (nk <= 0) continue;                       // this row ends earlier
-                        const __mmask16 valid = (__mmask16)((1u << nk) - 1);
-                        const __m512 sv = _mm512_mask_blend_ps(
-                            valid, _mm512_set1_ps(-INFINITY), _mm512_mul_ps(s[u], _mm512_set1_ps(scale)));
-                        const float mx = std::max(m[v], _mm512_reduce_max_ps(sv));
-                        const float corr = std::exp(m[v] - mx);
-                        const __m512 pr = _mm512_maskz_mov_ps(
-                            valid, exp16(_mm512_sub_ps(sv, _mm512_set1_ps(mx))));
-                        l[v] = l[v] * corr + _mm512_reduce_add_ps(pr);
-                        m[v] = mx;
-                        alignas(32) uint16_t pb[16];
-                        _mm256_store_si256((__m256i*)pb, (__m256i)_mm512_cvtneps_pbh(pr));
-                        __m512 a[NV];
-                        for (int i = 0; i < NV; i++)
-                            a[i] = _mm512_mul_ps(_mm512_load_ps(acc[v] + 16 * i), _mm512_set1_ps(corr));
-                        for (int64_t p = 0; p < (nk + 1) / 2; p++) {
-                            int32_t pair;
-                            std::memcpy(&pair, pb + 2 * p, 4);
-                            const __m512bh pp = (__m512bh)_mm512_set1_epi32(pair);
-                            for (int i = 0; i < NV; i++)
-                                a[i] = _mm512_dpbf16_ps(a[i], pp, (__m512bh)vpairs[p][i]);
+                        const int64_t v = v0 + u;
+                        __mmask16 valid[CB];
+                        __m512 mx = _mm512_set1_ps(m[v]);
+                        for (int64_t i = 0; i < nb; i++) {
+                            const int64_t nk = std::min(ctx[v], (c0 + i + 1) * bs) - (c0 + i) * bs;
+                            valid[i] = nk <= 0 ? (__mmask16)0 : (__mmask16)((1u << nk) - 1);
+                            s[u][i] = _mm512_mul_ps(s[u][i], _mm512_set1_ps(scale));
+                            mx = _mm512_mask_max_ps(mx, valid[i], mx, s[u][i]);
                         }
-                        for (int i = 0; i < NV; i++) _mm512_store_ps(acc[v] + 16 * i, a[i]);
+                        if (!valid[0]) continue;                 // this row ends earlier
+                        const float mnew = _mm512_reduce_max_ps(mx);
+                        const float corr = std::exp(m[v] - mnew);
+                        __m512 sum = _mm512_setzero_ps();
+                        alignas(64) uint16_t pb[CB][16];
+                        for (int64_t i = 0; i < nb; i++) {
+                            const __m512 pr = _mm512_maskz_mov_ps(
+                                valid[i], exp16(_mm512_sub_ps(s[u][i], _mm512_set1_ps(mnew))));
+                            sum = _mm512_add_ps(sum, pr);
+                            _mm256_store_si256((__m256i*)pb[i], (__m256i)_mm512_cvtneps_pbh(pr));
+                        }
+                        l[v] = l[v] * corr + _mm512_reduce_add_ps(sum);
+                        m[v] = mnew;
+                        __m512 a0[NV], a1[NV];
+                        for (int i = 0; i < NV; i++) {
+                            a0[i] = _mm512_mul_ps(_mm512_load_ps(acc[v] + 16 * i), _mm512_set1_ps(corr));
+                            a1[i] = _mm512_setzero_ps();
+                        }
+                        for (int64_t i = 0; i < nb; i++) {
+                            const int64_t npairs = (std::min<int64_t>(ctx[v] - (c0 + i) * bs, bs) + 1) / 2;
+                            const int32_t* pairs = (const int32_t*)pb[i];
+                            for (int64_t p = 0; p < npairs; p += 2) {
+                                const __m512bh p0 = (__m512bh)_mm512_set1_epi32(pairs[p]);
+                                for (int j = 0; j < NV; j++)
+                                    a0[j] = _mm512_dpbf16_ps(a0[j], p0, (__m512bh)vpairs[i][p][j]);
+                                if (p + 1 < npairs) {
+                                    const __m512bh p1 = (__m512bh)_mm512_set1_epi32(pairs[p + 1]);
+                                    for (int j = 0; j < NV; j++)
+                                        a1[j] = _mm512_dpbf16_ps(a1[j], p1, (__m512bh)vpairs[i][p + 1][j]);
+                                }
+                            }
+                        }
+                        for (int i = 0; i < NV; i++)
+                            _mm512_store_ps(acc[v] + 16 * i, _mm512_add_ps(a0[i], a1[i]));
                     }
                 }
             }
