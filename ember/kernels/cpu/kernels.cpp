@@ -542,7 +542,11 @@ static void paged_decode_bf16(const bf16* q, int64_t ldq, const bf16* cache, con
         }
         for (int64_t c0 = first(b); c0 < ctx; c0 += C) {
             const int64_t n = std::min<int64_t>(C, ctx - c0), padded = (n + 15) / 16 * 16;
-            for (int64_t j = 0; j < n; j++) krow[j] = cache + row(item, c0 + j);
+            // key rows of the chunk: one division per chunk, then walk the blocks
+            for (int64_t j = 0, blk = c0 / bs, off = c0 % bs; j < n; j++) {
+                krow[j] = cache + ((h * num_blocks + tables[b * max_blocks + blk]) * bs + off) * D;
+                if (++off == bs) off = 0, blk++;
+            }
             // (1) scores
             for (int64_t j0 = 0; j0 < n; j0 += 16) {
                 int64_t ahead = c0 + j0 + PREFETCH_LEAD, owner = item;
@@ -594,8 +598,8 @@ static void paged_decode_bf16(const bf16* q, int64_t ldq, const bf16* cache, con
             // (3) values in key pairs (a missing odd key is zeros), then p·v per head
             const int64_t npairs = (n + 1) / 2;
             for (int64_t t = 0; t < npairs; t++) {
-                const bf16* va = cache + plane + row(item, c0 + 2 * t);
-                const bf16* vb = 2 * t + 1 < n ? cache + plane + row(item, c0 + 2 * t + 1) : nullptr;
+                const bf16* va = krow[2 * t] + plane;     // a value row lies a plane after its key
+                const bf16* vb = 2 * t + 1 < n ? krow[2 * t + 1] + plane : nullptr;
                 for (int i = 0; i < NB; i++) {
                     const __m512i x = _mm512_loadu_si512(va + 32 * i);
                     const __m512i y = vb ? _mm512_loadu_si512(vb + 32 * i) : _mm512_setzero_si512();
