@@ -408,6 +408,7 @@ static inline void store_value_sum(const float* acc, float inv, bf16* out) {
         store16(out + 32 * i + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), scale));
     }
 }
+
 // ---------------------------------------------------------------------------------------------
 // paged_decode: one query per sequence. For each (sequence, KV head), the G query heads of that
 // group walk the sequence's blocks together: a block's keys and values are converted to fp32 once
