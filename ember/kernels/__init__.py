@@ -130,6 +130,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return out if residual is None else (out, residual)
 
 
+def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                        packed: torch.Tensor | None = None,
+                        scales: torch.Tensor | None = None) -> torch.Tensor:
+    """silu_and_mul(linear(x, weight, bias, packed, scales)) for a gate_up weight [2I, K]; with
+    `packed` ember's kernel does both in one pass (the same bits: the gate and up values are
+    rounded as the [M, 2I] tensor would hold them)."""
+    inter = weight.shape[0] // 2
+    if (packed is not None and bias is None and inter % 32 == 0 and x.dim() == 2
+            and x.dtype == torch.bfloat16 and x.stride(1) == 1):
+        out = torch.empty(x.shape[0], inter, dtype=x.dtype)
+        cpu.library().ember_linear_silu(x.data_ptr(), x.stride(0), packed.data_ptr(),
+                                        _ptr(scales), out.data_ptr(), inter, x.shape[0], inter,
+                                        x.shape[1])
+        return out
+    return silu_and_mul(linear(x, weight, bias, packed, scales))
+
+
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [T, 2I] → silu(gate) · up [T, I]."""
     if (gpu := gpu_kernels(gate_up)) is not None:

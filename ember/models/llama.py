@@ -61,7 +61,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, ps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+        g = self.gate_up_proj
+        return self.down_proj(kernels.linear_silu_and_mul(x, g.weight, g.bias, g.packed, g.scales))
 
 
 class LlamaDecoderLayer(nn.Module):

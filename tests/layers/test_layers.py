@@ -137,6 +137,35 @@ def test_argmax_kernel_matches_torch(dtype):
     assert got[1] == 5 and got[2] == 996 and got[3] == 40 and got[4] == 990 and got[5] == 0
 
 
+# ---- linear + SiLU·mul in one pass -------------------------------------------------------------
+
+@pytest.mark.skipif(not cpu_kernels.has_linear_bf16(), reason="needs AVX-512 BF16 and a compiler")
+@pytest.mark.parametrize("quantization", [None, "int8"])
+@pytest.mark.parametrize("rows", [1, 5, 37, 200])
+def test_linear_silu_and_mul_equals_the_two_steps(rows, quantization):
+    """The fused gate_up + SiLU·mul kernel gives the bits of linear then silu_and_mul: the same
+    weights, tiles of 6 rows and tails, more rows than one row block, bf16 and int8 weights."""
+    from ember import kernels
+    g = torch.Generator().manual_seed(4)
+    inter, k = 64, 96
+    weight = (0.2 * torch.randn(2 * inter, k, generator=g)).to(torch.bfloat16)
+    x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+    scales = None
+    if quantization == "int8":
+        packed, scales, dequantized = kernels.quantize_linear_weight_int8(weight)
+        weight = dequantized.to(torch.bfloat16)
+    else:
+        packed = kernels.pack_linear_weight(weight)
+    fused = kernels.linear_silu_and_mul(x, weight, None, packed, scales)
+    two_steps = kernels.silu_and_mul(kernels.linear(x, weight, None, packed, scales))
+    assert fused.shape == (rows, inter)
+    assert torch.equal(fused, two_steps)
+    # and both are SiLU·mul of the product, within bf16 rounding
+    ref = (x.float() @ weight.float().T)
+    ref = torch.nn.functional.silu(ref[:, :inter]) * ref[:, inter:]
+    torch.testing.assert_close(fused.float(), ref, rtol=0.05, atol=0.05)
+
+
 # ---- RMSNorm ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

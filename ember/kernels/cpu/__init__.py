@@ -34,6 +34,7 @@ _SIGNATURES = {
     "ember_has_linear_bf16": ([], _I32),
     "ember_linear_bf16": ([_P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64], None),
     "ember_linear_w8": ([_P, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _I64], None),
+    "ember_linear_silu": ([_P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64], None),
     "ember_rms_norm": ([_I32, _P, _P, _P, _P, _P, _I64, _I64, _F32], None),
     "ember_rotary": ([_I32, _P, _I64, _P, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _I64], None),
     "ember_silu_mul": ([_I32, _P, _P, _I64, _I64], None),

@@ -279,22 +279,103 @@ extern "C" void ember_rotary(int dtype, const void* q, int64_t ldq, const void* 
 // ---------------------------------------------------------------------------------------------
 // silu_mul: gate_up [rows, 2I] → out [rows, I] = T(T(silu(gate)) · up)
 template <typename T>
+static inline __m512 silu_times(__m512 gate, __m512 up) {    // before the final rounding to T
+    const __m512 silu = _mm512_div_ps(gate, _mm512_add_ps(
+        _mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gate))));
+    return _mm512_mul_ps(vround<T>(silu), up);
+}
+
+template <typename T>
 static void silu_mul_impl(const T* gate_up, T* out, int64_t rows, int64_t I) {
     #pragma omp parallel for schedule(static) if (rows > 4)
     for (int64_t t = 0; t < rows; t++) {
         const T* g = gate_up + t * 2 * I;
-        for (int64_t i = 0; i < I; i += 16) {
-            __m512 x = load16(g + i);
-            __m512 silu = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f),
-                                                         exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
-            store16(out + t * I + i, _mm512_mul_ps(vround<T>(silu), load16(g + I + i)));
-        }
+        for (int64_t i = 0; i < I; i += 16)
+            store16(out + t * I + i, silu_times<T>(load16(g + i), load16(g + I + i)));
     }
 }
 
 extern "C" void ember_silu_mul(int dtype, const void* gate_up, void* out, int64_t rows, int64_t I) {
     if (dtype == 1) silu_mul_impl((const bf16*)gate_up, (bf16*)out, rows, I);
     else silu_mul_impl((const float*)gate_up, (float*)out, rows, I);
+}
+
+// ---------------------------------------------------------------------------------------------
+// linear_silu: out [M, I] = silu_mul(x · Wᵀ) for a gate_up weight W [2I, K] (gate rows, then up
+// rows; packed like linear_bf16's, or int8 with row scales), without writing x · Wᵀ: a tile is R
+// rows × 32 gate outputs and the 32 up outputs that pair with them, both rounded to bf16 as the
+// [M, 2I] tensor would hold them, then multiplied as silu_mul does. Same bits, one pass less.
+#if defined(__AVX512BF16__)
+constexpr int MR_SILU = 6;                 // 4·R accumulators + 4 weight vectors in registers
+
+template <int R, typename W>
+static inline void gemm_silu_tile(const bf16* x, int64_t ldx, const W* gate, const W* up,
+                                  int64_t K, const float* gate_scale, const float* up_scale,
+                                  bf16* out, int64_t ldo) {
+    __m512 acc[R][4];
+    for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = _mm512_setzero_ps();
+    for (int64_t kp = 0; kp < K / 2; kp++) {
+        __m512bh g0, g1, u0, u1;
+        load_pairs(gate, kp, g0, g1);
+        load_pairs(up, kp, u0, u1);
+        for (int i = 0; i < R; i++) {
+            int32_t pair;
+            std::memcpy(&pair, x + i * ldx + 2 * kp, 4);
+            const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, g0);
+            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, g1);
+            acc[i][2] = _mm512_dpbf16_ps(acc[i][2], a, u0);
+            acc[i][3] = _mm512_dpbf16_ps(acc[i][3], a, u1);
+        }
+    }
+    __m512 s[4];
+    for (int j = 0; j < 4; j++) {
+        const float* sc = j < 2 ? gate_scale : up_scale;
+        s[j] = sc ? _mm512_loadu_ps(sc + 16 * (j % 2)) : _mm512_set1_ps(1.f);
+    }
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < 2; j++) {
+            const __m512 g = vround<bf16>(_mm512_fmadd_ps(acc[i][j], s[j], _mm512_setzero_ps()));
+            const __m512 u = vround<bf16>(_mm512_fmadd_ps(acc[i][j + 2], s[j + 2], _mm512_setzero_ps()));
+            store16(out + i * ldo + 16 * j, silu_times<bf16>(g, u));
+        }
+}
+
+template <typename W>
+static void linear_silu_impl(const bf16* x, int64_t ldx, const W* packed, const float* scales,
+                             bf16* out, int64_t ldo, int64_t M, int64_t I, int64_t K) {
+    constexpr int64_t ROW_BLOCK = 32 * MR_SILU;
+    const int64_t panels = I / 32, row_blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
+    #pragma omp parallel for collapse(2) schedule(guided)
+    for (int64_t p = 0; p < panels; p++)
+        for (int64_t rb = 0; rb < row_blocks; rb++) {
+            const int64_t m0 = rb * ROW_BLOCK, rows = std::min(ROW_BLOCK, M - m0);
+            const W* gate = packed + p * K * 32;
+            const W* up = packed + (p + panels) * K * 32;
+            const float* gs = scales ? scales + p * 32 : nullptr;
+            const float* us = scales ? scales + (p + panels) * 32 : nullptr;
+            const bf16* xr = x + m0 * ldx;
+            bf16* o = out + m0 * ldo + p * 32;
+            int64_t i = 0;
+            for (; i + MR_SILU <= rows; i += MR_SILU)
+                gemm_silu_tile<MR_SILU>(xr + i * ldx, ldx, gate, up, K, gs, us, o + i * ldo, ldo);
+            switch (rows - i) {
+#define TAIL(r) case r: gemm_silu_tile<r>(xr + i * ldx, ldx, gate, up, K, gs, us, o + i * ldo, ldo); break;
+                TAIL(1) TAIL(2) TAIL(3) TAIL(4) TAIL(5)
+#undef TAIL
+            }
+        }
+}
+#endif
+
+// W [2I, K] packed (bf16), or int8 with `scales` [2I]; I a multiple of 32.
+extern "C" void ember_linear_silu(const bf16* x, int64_t ldx, const void* packed,
+                                  const float* scales, bf16* out, int64_t ldo, int64_t M,
+                                  int64_t I, int64_t K) {
+#if defined(__AVX512BF16__)
+    if (scales) linear_silu_impl(x, ldx, (const int8_t*)packed, scales, out, ldo, M, I, K);
+    else linear_silu_impl(x, ldx, (const bf16*)packed, nullptr, out, ldo, M, I, K);
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -849,7 +930,7 @@ extern "C" void ember_decode_layers(const LayerWeights* layers, int64_t num_laye
     const int64_t H = s->hidden, D = s->head_dim, Q = s->heads * D, KV = s->kv_heads * D;
     const int64_t QKV = Q + 2 * KV, I = s->inter;
     bf16 *h = new bf16[B * H], *qkv = new bf16[B * QKV], *q = new bf16[B * Q],
-         *k = new bf16[B * KV], *attn = new bf16[B * Q], *gu = new bf16[B * 2 * I],
+         *k = new bf16[B * KV], *attn = new bf16[B * Q],
          *act = new bf16[B * I];
     for (int64_t l = 0; l < num_layers; l++) {
         const LayerWeights& w = layers[l];
@@ -876,9 +957,8 @@ extern "C" void ember_decode_layers(const LayerWeights* layers, int64_t num_laye
                                 s->kv_heads, s->num_blocks, s->block_size, D, s->scale, s->window);
         packed_linear(attn, Q, w.o, w.o_scale, nullptr, x, H, B, H, Q);
         rms_norm_impl<bf16>(x, residual, residual, w.post_norm, h, B, H, s->eps);
-        packed_linear(h, H, w.gate_up, w.gate_up_scale, nullptr, gu, 2 * I, B, 2 * I, H);
-        silu_mul_impl<bf16>(gu, act, B, I);
+        ember_linear_silu(h, H, w.gate_up, w.gate_up_scale, act, I, B, I, H);
         packed_linear(act, I, w.down, w.down_scale, nullptr, x, H, B, H, I);
     }
-    delete[] h; delete[] qkv; delete[] q; delete[] k; delete[] attn; delete[] gu; delete[] act;
+    delete[] h; delete[] qkv; delete[] q; delete[] k; delete[] attn; delete[] act;
 }

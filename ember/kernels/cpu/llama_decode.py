@@ -62,7 +62,7 @@ class FusedLlamaDecode:
                 and isinstance(attn.attn, CpuAttentionBackend)
                 and d % 32 == 0 and model.rotary.cos_sin.dtype == torch.bfloat16
                 and first.input_layernorm.weight.shape[0] % 16 == 0
-                and mlp.down_proj.weight.shape[1] % 16 == 0)
+                and mlp.down_proj.weight.shape[1] % 32 == 0)
         return cls(model) if fits else None
 
     def serves(self, meta, num_tokens: int) -> bool:
