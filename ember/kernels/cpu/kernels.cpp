@@ -100,22 +100,30 @@ static inline void load_pairs(const int8_t* panel, int64_t kp, __m512bh& b0, __m
     b1 = _mm512_cvtne2ps_pbh(int8x16_to_f32(p + 48), int8x16_to_f32(p + 32));
 }
 
-template <int R, typename W>
-static inline void gemm_tile(const bf16* x, int64_t ldx, const W* panel, int64_t K,
-                             const float* scale, const bf16* bias, bf16* y, int64_t ldy) {
-    __m512 acc[R][2];
-    for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+// acc[i][2p + h] = x row i · the 16 outputs h of panel p, for R rows and P panels (in registers)
+template <int R, int P, typename W>
+static inline void accumulate_panels(const bf16* x, int64_t ldx, const W* const panels[P],
+                                     int64_t K, __m512 acc[R][2 * P]) {
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < 2 * P; j++) acc[i][j] = _mm512_setzero_ps();
     for (int64_t kp = 0; kp < K / 2; kp++) {
-        __m512bh b0, b1;
-        load_pairs(panel, kp, b0, b1);
+        __m512bh b[2 * P];
+        for (int p = 0; p < P; p++) load_pairs(panels[p], kp, b[2 * p], b[2 * p + 1]);
         for (int i = 0; i < R; i++) {
             int32_t pair;
             std::memcpy(&pair, x + i * ldx + 2 * kp, 4);
             const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
-            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, b0);
-            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, b1);
+            for (int j = 0; j < 2 * P; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a, b[j]);
         }
     }
+}
+
+template <int R, typename W>
+static inline void gemm_tile(const bf16* x, int64_t ldx, const W* panel, int64_t K,
+                             const float* scale, const bf16* bias, bf16* y, int64_t ldy) {
+    __m512 acc[R][2];
+    const W* const panels[1] = {panel};
+    accumulate_panels<R, 1>(x, ldx, panels, K, acc);
     const __m512 s_lo = scale ? _mm512_loadu_ps(scale) : _mm512_set1_ps(1.f);
     const __m512 s_hi = scale ? _mm512_loadu_ps(scale + 16) : _mm512_set1_ps(1.f);
     const __m512 b_lo = bias ? load16(bias) : _mm512_setzero_ps();
@@ -313,21 +321,8 @@ static inline void gemm_silu_tile(const bf16* x, int64_t ldx, const W* gate, con
                                   int64_t K, const float* gate_scale, const float* up_scale,
                                   bf16* out, int64_t ldo) {
     __m512 acc[R][4];
-    for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = _mm512_setzero_ps();
-    for (int64_t kp = 0; kp < K / 2; kp++) {
-        __m512bh g0, g1, u0, u1;
-        load_pairs(gate, kp, g0, g1);
-        load_pairs(up, kp, u0, u1);
-        for (int i = 0; i < R; i++) {
-            int32_t pair;
-            std::memcpy(&pair, x + i * ldx + 2 * kp, 4);
-            const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
-            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, g0);
-            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, g1);
-            acc[i][2] = _mm512_dpbf16_ps(acc[i][2], a, u0);
-            acc[i][3] = _mm512_dpbf16_ps(acc[i][3], a, u1);
-        }
-    }
+    const W* const panels[2] = {gate, up};
+    accumulate_panels<R, 2>(x, ldx, panels, K, acc);
     __m512 s[4];
     for (int j = 0; j < 4; j++) {
         const float* sc = j < 2 ? gate_scale : up_scale;
