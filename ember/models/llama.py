@@ -11,7 +11,6 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ember import kernels
 from ember.attention import AttentionBackend, AttentionMetadata
 from ember.config import ModelConfig
 from ember.distributed import SINGLE, ParallelState
@@ -61,8 +60,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, ps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.gate_up_proj
-        return self.down_proj(kernels.linear_silu_and_mul(x, g.weight, g.bias, g.packed, g.scales))
+        return self.down_proj(self.gate_up_proj.silu_and_mul(x))
 
 
 class LlamaDecoderLayer(nn.Module):
