@@ -235,7 +235,7 @@ def wait_first_token(base: str, proc: subprocess.Popen, timeout: float) -> str:
                 return model
         except Exception:  # noqa: BLE001 - not up yet (refused, 503 while loading, ...)
             pass
-        time.sleep(0.25)
+        time.sleep(0.02)   # fine: start-up figures are compared at sub-second scale
     raise TimeoutError(f"server not serving after {timeout:.0f} s")
 
 

@@ -16,6 +16,7 @@ from ember.core.kv_cache_manager import KVCacheManager
 from ember.core.request import Request, RequestStatus
 from ember.core.scheduler import Scheduler
 from ember.engine.output_processor import RequestState, SequenceState
+from ember.models import prepared_cache
 from ember.models.loader import build_model, load_checkpoint, resolve_model
 from ember.outputs import RequestOutput
 from ember.runner.model_runner import ModelRunner, kv_bytes_per_block
@@ -80,7 +81,9 @@ class LLMEngine:
                            device, dtype, seed, enforce_eager)
         self._check_options(cfg)                    # before the slow part
         self.model = build_model(model_cfg, weights, total, backend, max_len, device, dtype,
-                                 desc=f"loading {self.source.name}", quantization=quantization)
+                                 desc=f"loading {self.source.name}", quantization=quantization,
+                                 prepared=prepared_cache.slot_for(self.source, device, dtype,
+                                                                  quantization))
         self.tokenizer = tokenizer_loading.result()
         num_blocks = self._num_blocks(cfg)
         if num_blocks * block_size < max_len:

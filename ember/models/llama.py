@@ -130,10 +130,12 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def post_load(self, device: torch.device, dtype: torch.dtype,
-                  quantization: str | None = None) -> None:
+                  quantization: str | None = None, pack: bool = True) -> None:
+        """After the weights are in: rotary tables, packed (or quantized) linear weights unless
+        `pack` is False (they came packed from the prepared cache), the fused decode."""
         self.model.rotary.build_cache(device, dtype)
         for module in self.modules():
-            if isinstance(module, PackedWeight):
+            if pack and isinstance(module, PackedWeight):
                 module.pack_weight(quantization)
         self.model.fused_decode = FusedLlamaDecode.build(self.model)
 

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from ember.config import ModelConfig
+from ember.models import prepared_cache
 from ember.models.registry import model_class
 
 
@@ -107,7 +108,10 @@ def load_checkpoint(source: ModelSource) -> tuple[ModelConfig, Iterator, int]:
 
 def build_model(cfg: ModelConfig, weights: Iterator, total: int | None, backend,
                 max_position: int, device: torch.device, dtype: torch.dtype,
-                desc: str = "loading weights", quantization: str | None = None) -> torch.nn.Module:
+                desc: str = "loading weights", quantization: str | None = None,
+                prepared: tuple[str, str] | None = None) -> torch.nn.Module:
+    """The model with its weights loaded and prepared (packed, quantized). `prepared`: the
+    prepared_cache entry (and its parent folder) to map them from, or to write them to."""
     cls = model_class(cfg.architecture)
     # Built straight on the device: the layers make their parameters with torch.empty, so this
     # costs no initialisation (and, unlike meta + to_empty, imports nothing heavy).
@@ -115,6 +119,9 @@ def build_model(cfg: ModelConfig, weights: Iterator, total: int | None, backend,
         model = cls(cfg, backend, max_position)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if prepared is not None and prepared_cache.restore(model, prepared[0]):
+        model.post_load(device, dtype, quantization, pack=False)
+        return model.eval()
     loaded = model.load_weights(tqdm(weights, total=total, desc=desc, unit="tensor",
                                      leave=False, disable=None))
     expected = {n for n, _ in model.named_parameters()}
@@ -122,4 +129,6 @@ def build_model(cfg: ModelConfig, weights: Iterator, total: int | None, backend,
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[:3]}")
     model.post_load(device, dtype, quantization)
+    if prepared is not None:
+        prepared_cache.store(model, *prepared)
     return model.eval()
