@@ -13,9 +13,10 @@ kernels stream the packed panels; an unaligned start would split every load acro
 lines), and index.json for names, dtypes, shapes and offsets. It is mapped private
 (copy-on-write): a later write into a parameter never reaches the file.
 
-The key is the checkpoint's files (path, size, mtime), the dtype, the quantization, the torch
-version, whether the CPU has the bf16 linear kernel, and the modules whose code decides these
-tensors (loading, packing, quantizing), so that editing them invalidates old entries.
+The key is the checkpoint's files (path, size, mtime), the dtype and the quantization (a folder),
+then the torch version, whether the CPU has the bf16 linear kernel, and the modules whose code
+decides these tensors (loading, packing, quantizing): an entry in that folder. A new entry
+replaces the folder's older ones, so upgrades and edits leave no stale copies behind.
 
 Default: on for GGUF checkpoints on the CPU (ember already keeps a dequantized copy of those; a
 model from a safetensors folder is mapped from its own files and only packed). EMBER_PREPARED_CACHE
@@ -25,12 +26,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 
 import torch
 
 from ember import disk_cache
-from ember.config import env_str
+from ember.config import cache_dir, env_str
 from ember.layers.linear import PackedWeight
 
 _ALIGN = 4096
@@ -58,9 +60,13 @@ def slot_for(source, device: torch.device, dtype: torch.dtype,
     else:
         files = sorted(os.path.join(source.path, f) for f in os.listdir(source.path)
                        if f.endswith((".safetensors", ".json")))
-    return disk_cache.slot("prepared", str(dtype), str(quantization), torch.__version__,
+    # one folder per model preparation, holding one entry per version of the code that prepares
+    # it: writing an entry removes the others, which no start of this code would read
+    model_key = disk_cache.slot("prepared", str(dtype), str(quantization),
+                                *map(disk_cache.file_key, files))[0]
+    return disk_cache.slot(os.path.relpath(model_key, cache_dir()), torch.__version__,
                            f"linear_bf16={cpu.has_linear_bf16()}", sys.byteorder,
-                           *map(disk_cache.file_key, files + _code_files()))
+                           *map(disk_cache.file_key, _code_files()))
 
 
 def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -94,6 +100,10 @@ def store(model: torch.nn.Module, entry: str, root: str) -> None:
             json.dump(index, f)
 
     disk_cache.write_atomically(entry, root, write)
+    if os.path.isdir(entry):
+        for name in os.listdir(root):
+            if not name.startswith(".") and name != os.path.basename(entry):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def restore(model: torch.nn.Module, entry: str) -> bool:

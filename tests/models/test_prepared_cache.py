@@ -51,7 +51,8 @@ def _run(llm):
 
 def _entries(tmp_path):
     root = tmp_path / "cache" / "prepared"
-    return sorted(p for p in root.iterdir() if not p.name.startswith(".")) if root.exists() else []
+    return sorted(p for model in (root.iterdir() if root.exists() else ()) if model.is_dir()
+                  for p in model.iterdir() if not p.name.startswith("."))
 
 
 @pytest.mark.parametrize("quantization", [None, "int8"])
@@ -101,3 +102,13 @@ def test_writing_a_mapped_weight_leaves_the_file_alone(folder, restores, tmp_pat
     for p in mapped.engine.model.parameters():
         p.data.add_(1)
     assert hashlib.sha256((entry / "tensors.bin").read_bytes()).hexdigest() == digest
+
+
+def test_a_new_entry_replaces_the_stale_ones_of_its_model(folder, restores, tmp_path, monkeypatch):
+    _load(folder, dtype="bfloat16")
+    [old] = _entries(tmp_path)
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")   # new code, same model
+    _load(folder, dtype="bfloat16")
+    assert restores == [False, False]
+    [new] = _entries(tmp_path)
+    assert new.parent == old.parent and new != old
