@@ -109,9 +109,9 @@ def load_checkpoint(source: ModelSource) -> tuple[ModelConfig, Iterator, int]:
 def build_model(cfg: ModelConfig, weights: Iterator, total: int | None, backend,
                 max_position: int, device: torch.device, dtype: torch.dtype,
                 desc: str = "loading weights", quantization: str | None = None,
-                prepared: tuple[str, str] | None = None) -> torch.nn.Module:
-    """The model with its weights loaded and prepared (packed, quantized). `prepared`: the
-    prepared_cache entry (and its parent folder) to map them from, or to write them to."""
+                prepared: prepared_cache.Slot | None = None) -> torch.nn.Module:
+    """The model with its weights loaded and prepared (packed, quantized). `prepared`: where the
+    prepared cache maps them from, or writes them to."""
     cls = model_class(cfg.architecture)
     # Built straight on the device: the layers make their parameters with torch.empty, so this
     # costs no initialisation (and, unlike meta + to_empty, imports nothing heavy).
@@ -119,7 +119,7 @@ def build_model(cfg: ModelConfig, weights: Iterator, total: int | None, backend,
         model = cls(cfg, backend, max_position)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    if prepared is not None and prepared_cache.restore(model, prepared[0]):
+    if prepared is not None and prepared_cache.restore(model, prepared):
         model.post_load(device, dtype, quantization, pack=False)
         return model.eval()
     loaded = model.load_weights(tqdm(weights, total=total, desc=desc, unit="tensor",
@@ -130,5 +130,5 @@ def build_model(cfg: ModelConfig, weights: Iterator, total: int | None, backend,
         raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[:3]}")
     model.post_load(device, dtype, quantization)
     if prepared is not None:
-        prepared_cache.store(model, *prepared)
+        prepared_cache.store(model, prepared)
     return model.eval()

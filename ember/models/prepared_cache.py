@@ -18,9 +18,9 @@ then the torch version, whether the CPU has the bf16 linear kernel, and the modu
 decides these tensors (loading, packing, quantizing): an entry in that folder. A new entry
 replaces the folder's older ones, so upgrades and edits leave no stale copies behind.
 
-Default: on for GGUF checkpoints on the CPU (ember already keeps a dequantized copy of those; a
-model from a safetensors folder is mapped from its own files and only packed). EMBER_PREPARED_CACHE
-is 1 to cache every CPU model, 0 for none.
+Default: on for GGUF checkpoints on the CPU whose prepared tensors take at most 4 GiB (ember
+already keeps a dequantized copy of those; a model from a safetensors folder is mapped from its own
+files and only packed). EMBER_PREPARED_CACHE is 1 to cache every CPU model, of any size, 0 for none.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -36,6 +37,7 @@ from ember.config import cache_dir, env_str
 from ember.layers.linear import PackedWeight
 
 _ALIGN = 4096
+_AUTO_MAX_BYTES = 4 << 30
 _DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.int8)}
 
 
@@ -47,10 +49,17 @@ def _code_files() -> list[str]:
     return [m.__file__ for m in (kernels, linear, embedding, llama, loader, gguf_loader)]
 
 
+@dataclass(frozen=True)
+class Slot:
+    entry: str                 # the folder of this model's entry
+    root: str                  # the folder of all entries for this model preparation
+    max_bytes: int | None      # store no entry larger than this
+
+
 def slot_for(source, device: torch.device, dtype: torch.dtype,
-             quantization: str | None) -> tuple[str, str] | None:
-    """(entry folder, its parent) for this model as it will be prepared, or None where this start
-    should neither read nor write the cache."""
+             quantization: str | None) -> Slot | None:
+    """Where this model, as it will be prepared, is cached; None where this start should neither
+    read nor write the cache."""
     mode = env_str("EMBER_PREPARED_CACHE", "auto")
     if device.type != "cpu" or mode == "0" or (mode != "1" and source.kind != "gguf"):
         return None
@@ -64,9 +73,10 @@ def slot_for(source, device: torch.device, dtype: torch.dtype,
     # it: writing an entry removes the others, which no start of this code would read
     model_key = disk_cache.slot("prepared", str(dtype), str(quantization),
                                 *map(disk_cache.file_key, files))[0]
-    return disk_cache.slot(os.path.relpath(model_key, cache_dir()), torch.__version__,
-                           f"linear_bf16={cpu.has_linear_bf16()}", sys.byteorder,
-                           *map(disk_cache.file_key, _code_files()))
+    entry, root = disk_cache.slot(os.path.relpath(model_key, cache_dir()), torch.__version__,
+                                  f"linear_bf16={cpu.has_linear_bf16()}", sys.byteorder,
+                                  *map(disk_cache.file_key, _code_files()))
+    return Slot(entry, root, None if mode == "1" else _AUTO_MAX_BYTES)
 
 
 def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -80,10 +90,14 @@ def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def store(model: torch.nn.Module, entry: str, root: str) -> None:
+def store(model: torch.nn.Module, slot: Slot) -> None:
     """Write the model's prepared tensors as a cache entry (atomically; a failure only means the
-    next start prepares them again)."""
+    next start prepares them again), unless they are larger than the slot allows."""
     tensors = _tensors(model)
+    if slot.max_bytes is not None and sum(
+            t.numel() * t.element_size() for t in tensors.values()) > slot.max_bytes:
+        return
+    entry, root = slot.entry, slot.root
 
     def write(tmp: str) -> None:
         index, offset = {}, 0
@@ -106,31 +120,24 @@ def store(model: torch.nn.Module, entry: str, root: str) -> None:
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def restore(model: torch.nn.Module, entry: str) -> bool:
+def restore(model: torch.nn.Module, slot: Slot) -> bool:
     """Point the model's parameters and packed weights at a mapped cache entry. False (and the model
     untouched) when there is no entry or it does not fit this model."""
     try:
-        with open(os.path.join(entry, "index.json")) as f:
-            index = json.load(f)
-        path = os.path.join(entry, "tensors.bin")
+        with open(os.path.join(slot.entry, "index.json")) as f:
+            text = f.read()
+        path = os.path.join(slot.entry, "tensors.bin")
         storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=os.path.getsize(path))
-    except (OSError, ValueError, RuntimeError):
+    except (OSError, RuntimeError):
+        return False                     # no entry (or one being replaced)
+    try:
+        mapped = _map(model, json.loads(text), storage)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError):
+        mapped = None                    # damaged (e.g. cut short)
+    if mapped is None:                   # let this start write a good one in its place
+        shutil.rmtree(slot.entry, ignore_errors=True)
         return False
     params = dict(model.named_parameters())
-    if not set(params) <= set(index):
-        return False
-    mapped = {}
-    for name, (dtype, shape, offset) in index.items():
-        dtype = _DTYPES.get(dtype)
-        if dtype is None or offset % dtype.itemsize:
-            return False
-        try:
-            t = torch.empty(0, dtype=dtype).set_(storage, offset // dtype.itemsize, shape)
-        except RuntimeError:             # runs past the end of the file: a damaged entry
-            return False
-        if name in params and (t.shape != params[name].shape or t.dtype != params[name].dtype):
-            return False
-        mapped[name] = t
     for name, t in mapped.items():
         if name in params:
             params[name].data = t
@@ -138,3 +145,26 @@ def restore(model: torch.nn.Module, entry: str) -> bool:
             module_name, attr = name.rsplit(".", 1)
             setattr(model.get_submodule(module_name), attr, t)
     return True
+
+
+def _map(model: torch.nn.Module, index: dict, storage) -> dict[str, torch.Tensor] | None:
+    """The entry's tensors as views of the mapped file, or None if they do not fit this model."""
+    params = dict(model.named_parameters())
+    if not set(params) <= set(index):
+        return None
+    mapped = {}
+    for name, (dtype, shape, offset) in index.items():
+        dtype = _DTYPES.get(dtype)
+        if dtype is None or offset % dtype.itemsize:
+            return None
+        if name in params:
+            if list(shape) != list(params[name].shape) or dtype != params[name].dtype:
+                return None
+        else:
+            module_name, attr = name.rsplit(".", 1)
+            if (attr not in ("packed", "scales")
+                    or not isinstance(model.get_submodule(module_name), PackedWeight)):
+                return None
+        # past the file's end (an entry cut short) this raises
+        mapped[name] = torch.empty(0, dtype=dtype).set_(storage, offset // dtype.itemsize, shape)
+    return mapped

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from ember import LLM, SamplingParams
 from ember.kernels import cpu
+from ember.models.loader import resolve_model
 from ember.models import prepared_cache
 
 
@@ -30,8 +32,8 @@ def restores(tmp_path, monkeypatch):
     monkeypatch.setenv("EMBER_PREPARED_CACHE", "1")
     seen, restore = [], prepared_cache.restore
 
-    def spy(model, entry):
-        seen.append(restore(model, entry))
+    def spy(model, slot):
+        seen.append(restore(model, slot))
         return seen[-1]
 
     monkeypatch.setattr(prepared_cache, "restore", spy)
@@ -112,3 +114,31 @@ def test_a_new_entry_replaces_the_stale_ones_of_its_model(folder, restores, tmp_
     assert restores == [False, False]
     [new] = _entries(tmp_path)
     assert new.parent == old.parent and new != old
+
+
+def test_auto_mode_stores_no_entry_above_its_size_cap(folder, restores, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepared_cache, "_AUTO_MAX_BYTES", 1 << 20)
+    source = resolve_model(folder)
+    cpu_dev = torch.device("cpu")
+    assert prepared_cache.slot_for(source, cpu_dev, torch.bfloat16, None).max_bytes is None
+    monkeypatch.setenv("EMBER_PREPARED_CACHE", "auto")         # the tiny model holds ~7 MB
+    assert prepared_cache.slot_for(source, cpu_dev, torch.bfloat16, None) is None   # not a GGUF
+    model = _load(folder, dtype="bfloat16").engine.model
+    slot = prepared_cache.Slot(str(tmp_path / "e" / "entry"), str(tmp_path / "e"), 1 << 20)
+    prepared_cache.store(model, slot)
+    assert not os.path.exists(slot.entry)
+    prepared_cache.store(model, prepared_cache.Slot(slot.entry, slot.root, 1 << 30))
+    assert os.path.isdir(slot.entry)
+
+
+def test_an_entry_naming_no_packed_weight_is_refused_and_replaced(folder, restores, tmp_path):
+    reference = _run(_load(folder, dtype="bfloat16"))
+    [entry] = _entries(tmp_path)
+    index = json.loads((entry / "index.json").read_text())
+    name = next(n for n in index if n.endswith(".weight"))
+    index[name.replace(".weight", ".stray")] = index.pop(name)
+    (entry / "index.json").write_text(json.dumps(index))
+    again = _load(folder, dtype="bfloat16")      # refuses the entry, prepares anew, rewrites it
+    third = _load(folder, dtype="bfloat16")
+    assert restores == [False, False, True]
+    assert _run(again) == _run(third) == reference
