@@ -131,12 +131,16 @@ def test_auto_mode_stores_no_entry_above_its_size_cap(folder, restores, tmp_path
     assert os.path.isdir(slot.entry)
 
 
-def test_an_entry_naming_no_packed_weight_is_refused_and_replaced(folder, restores, tmp_path):
+@pytest.mark.parametrize("damage", ["a parameter missing", "a name of nothing"])
+def test_an_entry_that_does_not_fit_is_refused_and_replaced(folder, restores, tmp_path, damage):
     reference = _run(_load(folder, dtype="bfloat16"))
     [entry] = _entries(tmp_path)
     index = json.loads((entry / "index.json").read_text())
-    name = next(n for n in index if n.endswith(".weight"))
-    index[name.replace(".weight", ".stray")] = index.pop(name)
+    if damage == "a parameter missing":
+        del index[next(n for n in index if n.endswith("down_proj.weight"))]
+    else:
+        name = next(n for n in index if n.endswith(".packed"))
+        index[name.replace(".packed", ".stray")] = index.pop(name)
     (entry / "index.json").write_text(json.dumps(index))
     again = _load(folder, dtype="bfloat16")      # refuses the entry, prepares anew, rewrites it
     third = _load(folder, dtype="bfloat16")
