@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ember import disk_cache
-from ember.config import cache_dir, env_str
+from ember.config import env_str
 from ember.layers.linear import PackedWeight
 
 _ALIGN = 4096
@@ -71,11 +71,11 @@ def slot_for(source, device: torch.device, dtype: torch.dtype,
                        if f.endswith((".safetensors", ".json")))
     # one folder per model preparation, holding one entry per version of the code that prepares
     # it: writing an entry removes the others, which no start of this code would read
-    model_key = disk_cache.slot("prepared", str(dtype), str(quantization),
-                                *map(disk_cache.file_key, files))[0]
-    entry, root = disk_cache.slot(os.path.relpath(model_key, cache_dir()), torch.__version__,
-                                  f"linear_bf16={cpu.has_linear_bf16()}", sys.byteorder,
-                                  *map(disk_cache.file_key, _code_files()))
+    model_root, _ = disk_cache.slot("prepared", str(dtype), str(quantization),
+                                    *map(disk_cache.file_key, files))
+    entry, root = disk_cache.slot(os.path.join("prepared", os.path.basename(model_root)),
+                                  torch.__version__, f"linear_bf16={cpu.has_linear_bf16()}",
+                                  sys.byteorder, *map(disk_cache.file_key, _code_files()))
     return Slot(entry, root, None if mode == "1" else _AUTO_MAX_BYTES)
 
 
@@ -130,14 +130,14 @@ def restore(model: torch.nn.Module, slot: Slot) -> bool:
         storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=os.path.getsize(path))
     except (OSError, RuntimeError):
         return False                     # no entry (or one being replaced)
+    params = dict(model.named_parameters())
     try:
-        mapped = _map(model, json.loads(text), storage)
+        mapped = _map(model, params, json.loads(text), storage)
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError):
         mapped = None                    # damaged (e.g. cut short)
     if mapped is None:                   # let this start write a good one in its place
         shutil.rmtree(slot.entry, ignore_errors=True)
         return False
-    params = dict(model.named_parameters())
     for name, t in mapped.items():
         if name in params:
             params[name].data = t
@@ -147,9 +147,10 @@ def restore(model: torch.nn.Module, slot: Slot) -> bool:
     return True
 
 
-def _map(model: torch.nn.Module, index: dict, storage) -> dict[str, torch.Tensor] | None:
-    """The entry's tensors as views of the mapped file, or None if they do not fit this model."""
-    params = dict(model.named_parameters())
+def _map(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], index: dict,
+         storage) -> dict[str, torch.Tensor] | None:
+    """The entry's tensors as views of the mapped file, or None if they do not fit this model
+    (whose named parameters are `params`)."""
     if not set(params) <= set(index):
         return None
     mapped = {}
