@@ -1,24 +1,32 @@
-"""Attention on the CPU with ember's kernels, over the torch backend's cache layout:
+"""Attention on the CPU with ember's kernels, over the torch backend's cache shape:
 
   kv_write      the step's new keys and values go to their slots (instead of two index_copy_)
   paged_decode  every new token, decode or prefill, attends to its own context straight from the
                 cache blocks through its request's block table (online softmax in fp32), after the
                 step's keys are written: a prefill token at position p is a "decode" whose context
                 is p + 1. No gathered copies, no masks, one call per layer for the whole batch.
-                In bf16, keys go in chunks of up to 128 with one softmax update each, prefetched
-                into L2 ahead of use: W1's decode attention 31 → 15 ms per step (64 sequences,
-                192 keys, 30 layers; read bandwidth alone allows about 11).
+                In bf16, keys go in chunks of up to 128 with one softmax update each, and each
+                (sequence, KV head) requests the next one's blocks into L2 while it computes.
   paged_prefill in bf16 (no sliding window), prefill rows go in tiles of consecutive rows of
-                one request: each key block is prepared once per tile (keys transposed for
-                broadcast dot products, values interleaved) for all its rows and heads.
+                one request: each key block serves all the tile's rows and heads.
                 Against torch's SDPA with a mask (what prefill chunks used before), with both
                 kernels: W1's prefill attention 1.34 → 0.53 s (8 × 128-token prompts per step:
                 86 → 63 ms per step with the tiles); one 2048-token prompt 3.8 → 2.0 s, 4096
                 tokens 10.1 → 5.6 s (blocks in chunks of 4 per softmax update: 2.7 → 2.0 s and
                 7.5 → 5.6 s).
 
+The layout inside a block: the torch backend's [block_size][D] rows, except for bf16 caches with
+blocks of 16 and head sizes that are multiples of 32 on CPUs with AVX-512 BF16 (`pair_layout`,
+the default model's case), which hold each block in the layout the bf16 dot products read: keys
+[D/2][16][2] (a dim pair of 16 keys per vector) and values [8][D][2] (a key pair per dim). Scores
+then need no horizontal sums and p·v no interleaving, and the decode kernel's arithmetic halves
+(one layer of W1's decode, 64 sequences of ~200 keys, data in cache: 270 → 150 µs). With the next
+item's blocks prefetched a line at a time, W1's decode attention went from 15.9 to 10.4 ms per
+step (30 layers; the cache read from memory). Such a cache is never handed to the torch code.
+
 Falls back to the torch backend wholesale when the kernels cannot serve (no library, fp16, head
-or block sizes not compiled in); its metadata is then built on first use.
+or block sizes not compiled in; never over a pair-layout cache); its metadata is then built on
+first use.
 """
 from __future__ import annotations
 
@@ -52,6 +60,13 @@ class CpuMetadata(AttentionMetadata):
         if self._torch is None:
             self._torch = TorchAttentionBackend.build_metadata(backend, self.layout, self.device)
         return self._torch
+
+
+def pair_layout(dtype: torch.dtype, block_size: int, head_dim: int) -> bool:
+    """Whether ember's kernels hold a cache of this kind in the pair layout (kernels.cpp's
+    pair_layout(), the same rule)."""
+    return (dtype == torch.bfloat16 and block_size == 16 and head_dim % 32 == 0
+            and head_dim <= 256 and cpu.has_linear_bf16())
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
@@ -90,13 +105,18 @@ class CpuAttentionBackend(TorchAttentionBackend):
         if not isinstance(meta, CpuMetadata):
             return super().forward(q, k, v, kv_cache, meta)
         lib = cpu_kernels(kv_cache)
-        if (lib is None or q.dtype != kv_cache.dtype
+        _, hk, num_blocks, bs, d = kv_cache.shape
+        if lib is not None and pair_layout(kv_cache.dtype, bs, d):
+            # only the kernels read this layout: bring the inputs to what they take
+            q, k, v = (t.to(kv_cache.dtype) for t in (q, k, v))
+            q, k, v = (t if t.stride(-1) == 1 and t.stride(-2) == d else t.contiguous()
+                       for t in (q, k, v))
+        elif (lib is None or q.dtype != kv_cache.dtype
                 or not all(t.stride(-1) == 1 and t.stride(-2) == self.head_dim for t in (q, k, v))):
             return super().forward(q, k, v, kv_cache, meta.torch_metadata(self))
-        _, hk, num_blocks, bs, d = kv_cache.shape
         lib.ember_kv_write(kv_cache.element_size(), k.data_ptr(), k.stride(0), v.data_ptr(),
                            v.stride(0), kv_cache.data_ptr(), meta.slot_mapping.data_ptr(),
-                           k.shape[0], hk, num_blocks * bs, d)
+                           k.shape[0], hk, num_blocks * bs, bs, d)
         out = q.new_empty(q.shape)
         rows = q.shape[0]
         tiles = meta.prefill_tiles

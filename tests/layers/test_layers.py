@@ -320,9 +320,10 @@ def test_paged_attention_bf16_close_to_reference(backend):
 @pytest.mark.parametrize("block_size", [3, 16])
 def test_paged_attention_bf16_head_sizes(head_dim, window, block_size, backend):
     """bf16 at the head sizes where the CPU kernel sums q·k and p·v with bf16 dot products
-    (multiples of 32), odd block sizes and contexts (keys in pairs, a missing last one), stale
-    values left in unused slots."""
-    seqs = BATCHES["mixed"]
+    (multiples of 32; with blocks of 16 the cache is in the pair layout), odd block sizes and
+    contexts (keys in pairs, a missing last one), stale values left in unused slots, contexts
+    past the decode kernel's 128-key chunks."""
+    seqs = BATCHES["mixed"][:3] + [(290, 1)] + BATCHES["mixed"][3:] + [(150, 20)]
     out, refs = _run_paged(seqs, 6, 2, head_dim, block_size, window, 7, dtype=torch.bfloat16,
                            fill=3e3, backend=backend)
     _check(out, seqs, refs, tol=0.05)

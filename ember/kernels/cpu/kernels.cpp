@@ -423,13 +423,62 @@ extern "C" void ember_argmax(int dtype, const void* x, int64_t ld, int64_t rows,
 }
 
 // ---------------------------------------------------------------------------------------------
+// The pair layout of bf16 caches (block size 16, head size a multiple of 32, AVX-512 BF16): the
+// layout the dot products read, so that attention needs neither horizontal sums nor shuffles.
+// Within one block of one KV head (16 positions × D, the same place and size as the row layout's
+// [16][D]):
+//   keys    [D/2][16][2]   dims (2i, 2i+1) of the 16 positions side by side: one vector holds a
+//                          dim pair of every key, and q·k for 16 keys is D/2 dot products with a
+//                          broadcast query pair;
+//   values  [8][D][2]      positions (2t, 2t+1) side by side per dim: p·v for a pair of keys is
+//                          D/16 dot products with the broadcast pair of probabilities.
+// kv_write writes it; paged_decode_pairs and paged_prefill read it. pair_layout() is the rule,
+// and ember/attention/cpu_paged.py holds the same one (the torch code never reads such a cache).
+static inline bool pair_layout(int64_t elem, int64_t bs, int64_t D) {
+#if defined(__AVX512BF16__)
+    return elem == 2 && bs == 16 && D % 32 == 0 && D <= 256;
+#else
+    return false;
+#endif
+}
+
+static inline int64_t value_index(int64_t pos, int64_t d, int64_t D) {
+    return ((pos / 2) * D + d) * 2 + pos % 2;
+}
+
+// ---------------------------------------------------------------------------------------------
 // kv_write: token t's keys/values (rows of k and v, stride ldk/ldv) into slot slot_mapping[t] of a
-// cache laid out [2, Hkv, num_blocks * block_size, D] (the torch backend's head-major layout).
+// cache laid out [2, Hkv, num_blocks, bs, D] (the torch backend's head-major layout), each block's
+// [bs][D] in rows, or in the pair layout where pair_layout() says so.
 extern "C" void ember_kv_write(int64_t elem, const void* k, int64_t ldk, const void* v, int64_t ldv,
                                void* cache, const int64_t* slots, int64_t rows, int64_t hk,
-                               int64_t num_slots, int64_t D) {
+                               int64_t num_slots, int64_t bs, int64_t D) {
     char* c = (char*)cache;
     const int64_t row = D * elem, plane = hk * num_slots * row;
+    if (pair_layout(elem, bs, D)) {
+        // a key's dim pairs go 16 pairs apart (a scatter); its values fill every other bf16 of
+        // the rows it shares with its pair partner (a masked store)
+        const __m512i apart = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(16));
+        for (int64_t t = 0; t < rows; t++)
+            for (int64_t h = 0; h < hk; h++) {
+                const int64_t block = (h * num_slots + slots[t] / bs * bs) * D, pos = slots[t] % bs;
+                const int32_t* kr = (const int32_t*)((const bf16*)k + t * ldk + h * D);
+                const bf16* vr = (const bf16*)v + t * ldv + h * D;
+                int32_t* keys = (int32_t*)((bf16*)cache + block) + pos;
+                bf16* values = (bf16*)(c + plane) + block + value_index(pos, 0, D);
+                for (int64_t i = 0; i < D / 2; i += 16)
+                    _mm512_i32scatter_epi32(keys + i * 16, apart, _mm512_loadu_si512(kr + i), 4);
+                const __mmask32 mine = pos % 2 ? 0xaaaaaaaau : 0x55555555u;
+                for (int64_t d = 0; d < D; d += 16) {
+                    __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(vr + d)));
+                    if (pos % 2) u = _mm512_slli_epi32(u, 16);
+                    _mm512_mask_storeu_epi16(values + 2 * d - pos % 2, mine, u);
+                }
+            }
+        return;
+    }
     for (int64_t t = 0; t < rows; t++)
         for (int64_t h = 0; h < hk; h++) {
             const int64_t off = (h * num_slots + slots[t]) * row;
@@ -461,7 +510,7 @@ static inline __m512 hsum16(const __m512 v[16]) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Values in bf16 pairs, for p·v by dpbf16 (paged_decode and paged_prefill): the values of keys 2t
+// Values in bf16 pairs, for p·v by dpbf16 (paged_prefill over a row-layout cache): the values of keys 2t
 // and 2t+1 of a block (n keys, rows of D from v) interleaved, 32 dims per pair of vectors. Per
 // 128-bit lane unpacklo holds dims 0-3 and unpackhi dims 4-7 of each 8, so sums against these
 // stay in that order until store_value_sum puts them back. A missing odd key counts as zeros
@@ -499,7 +548,7 @@ static inline void store_value_sum(const float* acc, float inv, bf16* out) {
 // group walk the sequence's blocks together: a block's keys and values are converted to fp32 once
 // (for all G heads), then per head the block's scores against the pre-scaled query, an
 // online-softmax update (running max and sum, rescaled per block) and the value sum in fp32. In
-// bf16 with a head size a multiple of 32, paged_decode_bf16 (below) serves instead.
+// bf16 over a pair-layout cache, paged_decode_pairs (below) serves instead.
 template <typename T, int D>
 static void paged_decode_heads(const T* q, int64_t ldq, const T* cache, const int32_t* tables,
                                int64_t max_blocks, const int32_t* ctx_lens, T* out, int64_t B,
@@ -576,146 +625,170 @@ static void paged_decode_heads(const T* q, int64_t ldq, const T* cache, const in
 }
 
 // ---------------------------------------------------------------------------------------------
-// paged_decode_bf16 (head size a multiple of 32, AVX-512 BF16): a (sequence, KV head) item walks
-// its keys in chunks of up to C positions, three passes per chunk, each a loop of independent
-// work (a softmax update per 16-key block was one long chain of reductions and waited on it):
-//   (1) scores of the chunk's keys for the G query heads: q·k by dpbf16 straight from the cache's
-//       bf16 keys, summed 16 keys at a time by hsum16, then scaled, as torch's bf16 matmul does;
+// paged_decode_pairs: one query per sequence over a pair-layout cache. A (sequence, KV head) item
+// walks its blocks in chunks of up to C keys, three passes per chunk, each a loop of independent
+// work (a softmax update per block would be one long chain of reductions):
+//   (1) scores for the G query heads: per dim pair, one key vector (16 keys) against each head's
+//       broadcast query pair, two blocks at a time (2·SG accumulators), then scaled, as torch's
+//       bf16 matmul does;
 //   (2) per head, one online-softmax update over the chunk (one max, one rescale); probabilities
 //       rounded to bf16, as torch's bf16 attention multiplies them by V;
-//   (3) p·v by dpbf16 against the chunk's values interleaved in key pairs once for all G heads,
-//       with two sets of accumulators so that consecutive dot products do not wait on each other.
-// Blocks lie anywhere in the cache, so the hardware prefetcher cannot follow them: while scoring
-// a 16-key group, the keys and values PREFETCH_LEAD positions ahead are requested into L2, past
-// the item's end into the next item this thread has already claimed (items are handed out one
-// ahead from an atomic counter, dynamically, so long and short sequences still balance).
+//   (3) p·v: each value vector (16 dims of a key pair) is loaded once for PG heads at a time.
+// Attention at decode is bound by reading the cache (W1: 64 sequences × ~200 keys × 30 layers,
+// ~280 MB a step), and its blocks lie anywhere, out of the hardware prefetcher's reach. So while
+// an item computes, it requests the next item's blocks into L2 a line at a time, spread over its
+// own loops (ItemPrefetch), so that the loads stream at the memory's pace instead of in bursts.
+// Items are handed out one ahead from an atomic counter (dynamically: long and short sequences
+// still balance), so that the next item is known.
 #if defined(__AVX512BF16__)
-constexpr int64_t PREFETCH_LEAD = 32;
+struct ItemPrefetch {
+    const char* keys;          // the cache's key plane; values lie `plane` bytes further
+    int64_t plane, head_blocks;   // bytes of a plane; blocks of one KV head
+    const int32_t* blocks = nullptr;
+    int64_t head = 0, count = 0, blk = 0, line = 0, lines = 0;   // lines: of a block's keys
 
-static inline void prefetch_l2(const void* p, int64_t bytes) {
-    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char*)p + o, _MM_HINT_T1);
-}
+    void start(const int32_t* table, int64_t h, int64_t first, int64_t end, int64_t bytes) {
+        blocks = table + first;
+        head = h;
+        count = end - first;
+        blk = line = 0;
+        lines = bytes / 64;
+    }
+    inline void step() {                 // one more line of the next item, if any is left
+        if (blk >= count) return;
+        const char* block = keys + (head * head_blocks + blocks[blk]) * lines * 64;
+        _mm_prefetch(line < lines ? block + line * 64 : block + plane + (line - lines) * 64,
+                     _MM_HINT_T1);
+        if (++line == 2 * lines) line = 0, blk++;
+    }
+};
 
 template <int D>
-static void paged_decode_bf16(const bf16* q, int64_t ldq, const bf16* cache, const int32_t* tables,
-                              int64_t max_blocks, const int32_t* ctx_lens, bf16* out, int64_t B,
-                              int64_t H, int64_t HK, int64_t num_blocks, int64_t bs, float scale,
-                              int64_t window) {
-    constexpr int NB = D / 32, NV = D / 16;
-    constexpr int C = std::min(128, 8192 / D / 16 * 16);   // the interleaved values: 16 KB
-    const int64_t G = H / HK, plane = HK * num_blocks * bs * D, items = B * HK;
-    auto first = [&](int64_t b) {
-        return window > 0 ? std::max<int64_t>(0, ctx_lens[b] - window) : int64_t(0);
-    };
-    auto row = [&](int64_t item, int64_t pos) {    // where item's key (or value) at pos lies
-        const int64_t b = item / HK, h = item % HK;
-        return ((h * num_blocks + tables[b * max_blocks + pos / bs]) * bs + pos % bs) * D;
+static void paged_decode_pairs(const bf16* q, int64_t ldq, const bf16* cache, const int32_t* tables,
+                               int64_t max_blocks, const int32_t* ctx_lens, bf16* out, int64_t B,
+                               int64_t H, int64_t HK, int64_t num_blocks, float scale,
+                               int64_t window) {
+    constexpr int64_t BS = 16, NV = D / 16, DP = D / 2, C = 128;
+    constexpr int SG = 4;                        // heads per score pass (× 2 blocks: 8 chains)
+    constexpr int PG = NV >= 16 ? 1 : 16 / NV;   // heads per p·v pass (PG · NV accumulators)
+    const int64_t G = H / HK, plane = HK * num_blocks * BS * D, items = B * HK;
+    auto first_block = [&](int64_t b) {
+        return window > 0 ? std::max<int64_t>(0, ctx_lens[b] - window) / BS : int64_t(0);
     };
     std::atomic<int64_t> claimed{0};
     #pragma omp parallel
     for (int64_t item = claimed.fetch_add(1), next; item < items; item = next) {
         next = claimed.fetch_add(1);
         const int64_t b = item / HK, h = item % HK, ctx = ctx_lens[b];
+        const int64_t start = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
+        const int32_t* table = tables + b * max_blocks;
+        ItemPrefetch ahead{(const char*)cache, plane * 2, num_blocks};
+        if (next < items) {
+            const int64_t nb = next / HK;
+            ahead.start(tables + nb * max_blocks, next % HK, first_block(nb),
+                        (ctx_lens[nb] + BS - 1) / BS, BS * D * 2);
+        }
         alignas(64) float acc[8][D], s[8][C];
         alignas(64) uint16_t p[8][C];
-        alignas(64) __m512i vpairs[C / 2][2 * NB];
-        const bf16* krow[C];
         float m[8], l[8];
+        const int32_t* qp[8];                     // each head's query, as bf16 pairs
         for (int64_t g = 0; g < G; g++) {
             m[g] = -INFINITY;
             l[g] = 0.f;
+            qp[g] = (const int32_t*)(q + b * ldq + (h * G + g) * D);
             for (int i = 0; i < NV; i++) _mm512_store_ps(acc[g] + 16 * i, _mm512_setzero_ps());
         }
-        for (int64_t c0 = first(b); c0 < ctx; c0 += C) {
-            const int64_t n = std::min<int64_t>(C, ctx - c0), padded = (n + 15) / 16 * 16;
-            // key rows of the chunk: one division per chunk, then walk the blocks
-            for (int64_t j = 0, blk = c0 / bs, off = c0 % bs; j < n; j++) {
-                krow[j] = cache + ((h * num_blocks + tables[b * max_blocks + blk]) * bs + off) * D;
-                if (++off == bs) off = 0, blk++;
-            }
+        auto block_at = [&](int64_t blk) {       // the item's block blk (keys; values + plane)
+            return cache + ((h * num_blocks + table[blk]) * BS) * D;
+        };
+        for (int64_t c0 = start / BS * BS; c0 < ctx; c0 += C) {
+            const int64_t nblk = (std::min(ctx, c0 + C) - c0 + BS - 1) / BS, blk0 = c0 / BS;
             // (1) scores
-            for (int64_t j0 = 0; j0 < n; j0 += 16) {
-                int64_t ahead = c0 + j0 + PREFETCH_LEAD, owner = item;
-                if (ahead >= ctx && next < items) {
-                    ahead = first(next / HK) + ahead - ctx;
-                    owner = next;
-                }
-                if (ahead < ctx_lens[owner / HK]) {
-                    const int64_t at = row(owner, ahead);
-                    prefetch_l2(cache + at, 16 * D * sizeof(bf16));
-                    prefetch_l2(cache + plane + at, 16 * D * sizeof(bf16));
-                }
-                for (int64_t g = 0; g < G; g++) {
-                    const bf16* qp = q + b * ldq + (h * G + g) * D;
-                    __m512bh qb[NB];
-                    for (int i = 0; i < NB; i++) qb[i] = (__m512bh)_mm512_loadu_si512(qp + 32 * i);
-                    __m512 dots[16];
-                    for (int64_t j = 0; j < 16; j++) {
-                        dots[j] = _mm512_setzero_ps();
-                        if (j0 + j < n)
-                            for (int i = 0; i < NB; i++)
-                                dots[j] = _mm512_dpbf16_ps(
-                                    dots[j], qb[i], (__m512bh)_mm512_loadu_si512(krow[j0 + j] + 32 * i));
+            for (int64_t g0 = 0; g0 < G; g0 += SG)
+                for (int64_t i = 0; i < nblk; i += 2) {
+                    const bool two = i + 1 < nblk;
+                    const bf16* k0 = block_at(blk0 + i);
+                    const bf16* k1 = two ? block_at(blk0 + i + 1) : k0;
+                    __m512 s0[SG], s1[SG];
+                    for (int u = 0; u < SG; u++) s0[u] = s1[u] = _mm512_setzero_ps();
+                    for (int dp = 0; dp < DP; dp++) {
+                        if (g0 == 0) ahead.step(), ahead.step();
+                        const __m512bh ka = (__m512bh)_mm512_loadu_si512(k0 + dp * 32);
+                        const __m512bh kb = (__m512bh)_mm512_loadu_si512(k1 + dp * 32);
+                        for (int u = 0; u < SG; u++)
+                            if (g0 + u < G) {
+                                const __m512bh qq = (__m512bh)_mm512_set1_epi32(qp[g0 + u][dp]);
+                                s0[u] = _mm512_dpbf16_ps(s0[u], qq, ka);
+                                s1[u] = _mm512_dpbf16_ps(s1[u], qq, kb);
+                            }
                     }
-                    _mm512_store_ps(s[g] + j0, _mm512_mul_ps(hsum16(dots), _mm512_set1_ps(scale)));
+                    const __m512 sc = _mm512_set1_ps(scale);
+                    for (int u = 0; u < SG; u++)
+                        if (g0 + u < G) {
+                            _mm512_store_ps(s[g0 + u] + i * BS, _mm512_mul_ps(s0[u], sc));
+                            if (two) _mm512_store_ps(s[g0 + u] + i * BS + BS, _mm512_mul_ps(s1[u], sc));
+                        }
                 }
-            }
-            // (2) the softmax update; keys past n get probability 0
+            // (2) the softmax update; keys before start or from ctx on get probability 0
+            auto valid = [&](int64_t j) {          // of keys c0 + j .. c0 + j + 15
+                const int64_t lo = std::max<int64_t>(start - c0 - j, 0);
+                const int64_t hi = std::min<int64_t>(ctx - c0 - j, 16);
+                const uint32_t below_hi = hi >= 16 ? 0xffffu : (1u << hi) - 1;
+                return (__mmask16)(below_hi & ~((1u << lo) - 1));
+            };
             float corr[8];
-            const __mmask16 tail = (__mmask16)((1u << (n - (padded - 16))) - 1);
             for (int64_t g = 0; g < G; g++) {
                 __m512 mx = _mm512_set1_ps(m[g]);
-                for (int64_t j = 0; j < padded; j += 16)
-                    mx = _mm512_mask_max_ps(mx, j + 16 <= n ? (__mmask16)0xffff : tail, mx,
-                                            _mm512_load_ps(s[g] + j));
+                for (int64_t j = 0; j < nblk * BS; j += BS)
+                    mx = _mm512_mask_max_ps(mx, valid(j), mx, _mm512_load_ps(s[g] + j));
                 const float mnew = _mm512_reduce_max_ps(mx);
                 corr[g] = std::exp(m[g] - mnew);
                 __m512 sum = _mm512_setzero_ps();
-                for (int64_t j = 0; j < padded; j += 16) {
+                for (int64_t j = 0; j < nblk * BS; j += BS) {
                     const __m512 e = _mm512_maskz_mov_ps(
-                        j + 16 <= n ? (__mmask16)0xffff : tail,
-                        exp16(_mm512_sub_ps(_mm512_load_ps(s[g] + j), _mm512_set1_ps(mnew))));
+                        valid(j), exp16(_mm512_sub_ps(_mm512_load_ps(s[g] + j), _mm512_set1_ps(mnew))));
                     sum = _mm512_add_ps(sum, e);
                     _mm256_store_si256((__m256i*)(p[g] + j), (__m256i)_mm512_cvtneps_pbh(e));
                 }
                 l[g] = l[g] * corr[g] + _mm512_reduce_add_ps(sum);
                 m[g] = mnew;
             }
-            // (3) values in key pairs (a missing odd key is zeros), then p·v per head
-            const int64_t npairs = (n + 1) / 2;
-            for (int64_t t = 0; t < npairs; t++) {
-                const bf16* va = krow[2 * t] + plane;     // a value row lies a plane after its key
-                const bf16* vb = 2 * t + 1 < n ? krow[2 * t + 1] + plane : nullptr;
-                for (int i = 0; i < NB; i++) {
-                    const __m512i x = _mm512_loadu_si512(va + 32 * i);
-                    const __m512i y = vb ? _mm512_loadu_si512(vb + 32 * i) : _mm512_setzero_si512();
-                    vpairs[t][2 * i] = _mm512_unpacklo_epi16(x, y);
-                    vpairs[t][2 * i + 1] = _mm512_unpackhi_epi16(x, y);
-                }
-            }
-            for (int64_t g = 0; g < G; g++) {
-                __m512 a0[NV], a1[NV];
-                for (int i = 0; i < NV; i++) {
-                    a0[i] = _mm512_mul_ps(_mm512_load_ps(acc[g] + 16 * i), _mm512_set1_ps(corr[g]));
-                    a1[i] = _mm512_setzero_ps();
-                }
-                const int32_t* pairs = (const int32_t*)p[g];   // probabilities of keys 2t, 2t+1
-                for (int64_t t = 0; t < npairs; t += 2) {
-                    const __m512bh p0 = (__m512bh)_mm512_set1_epi32(pairs[t]);
-                    for (int i = 0; i < NV; i++)
-                        a0[i] = _mm512_dpbf16_ps(a0[i], p0, (__m512bh)vpairs[t][i]);
-                    if (t + 1 < npairs) {
-                        const __m512bh p1 = (__m512bh)_mm512_set1_epi32(pairs[t + 1]);
-                        for (int i = 0; i < NV; i++)
-                            a1[i] = _mm512_dpbf16_ps(a1[i], p1, (__m512bh)vpairs[t + 1][i]);
+            // (3) p·v straight from the value pairs
+            for (int64_t g0 = 0; g0 < G; g0 += PG) {
+                __m512 a[PG][NV];
+                for (int u = 0; u < PG; u++)
+                    if (g0 + u < G)
+                        for (int j = 0; j < NV; j++)
+                            a[u][j] = _mm512_mul_ps(_mm512_load_ps(acc[g0 + u] + 16 * j),
+                                                    _mm512_set1_ps(corr[g0 + u]));
+                for (int64_t i = 0; i < nblk; i++) {
+                    const bf16* vb = block_at(blk0 + i) + plane;
+                    for (int64_t t = 0; t < BS / 2; t++) {
+                        if (g0 == 0)
+                            for (int j = 0; j < NV; j++) ahead.step();
+                        __m512bh vv[NV];
+                        for (int j = 0; j < NV; j++)
+                            vv[j] = (__m512bh)_mm512_loadu_si512(vb + t * 2 * D + 32 * j);
+                        for (int u = 0; u < PG; u++)
+                            if (g0 + u < G) {
+                                const __m512bh pp = (__m512bh)_mm512_set1_epi32(
+                                    ((const int32_t*)p[g0 + u])[i * BS / 2 + t]);
+                                for (int j = 0; j < NV; j++)
+                                    a[u][j] = _mm512_dpbf16_ps(a[u][j], pp, vv[j]);
+                            }
                     }
                 }
-                for (int i = 0; i < NV; i++)
-                    _mm512_store_ps(acc[g] + 16 * i, _mm512_add_ps(a0[i], a1[i]));
+                for (int u = 0; u < PG; u++)
+                    if (g0 + u < G)
+                        for (int j = 0; j < NV; j++) _mm512_store_ps(acc[g0 + u] + 16 * j, a[u][j]);
             }
         }
-        for (int64_t g = 0; g < G; g++)
-            store_value_sum<NB>(acc[g], 1.f / l[g], out + (b * H + h * G + g) * D);
+        for (int64_t g = 0; g < G; g++) {
+            const __m512 inv = _mm512_set1_ps(1.f / l[g]);
+            bf16* op = out + (b * H + h * G + g) * D;
+            for (int j = 0; j < NV; j++)
+                store16(op + 16 * j, _mm512_mul_ps(_mm512_load_ps(acc[g] + 16 * j), inv));
+        }
     }
 }
 #endif
@@ -727,12 +800,13 @@ static void paged_decode_impl(const T* q, int64_t ldq, const T* cache, const int
                               float scale, int64_t window) {
 #if defined(__AVX512BF16__)
     if constexpr (std::is_same<T, bf16>::value)
-        switch (D) {
-#define HEAD(d) case d: paged_decode_bf16<d>(q, ldq, cache, tables, max_blocks, ctx_lens, out, B, \
-                                             H, HK, num_blocks, bs, scale, window); return;
-            HEAD(32) HEAD(64) HEAD(96) HEAD(128) HEAD(160) HEAD(192) HEAD(256)
+        if (pair_layout(sizeof(T), bs, D))
+            switch (D) {
+#define HEAD(d) case d: paged_decode_pairs<d>(q, ldq, cache, tables, max_blocks, ctx_lens, out, B, \
+                                              H, HK, num_blocks, scale, window); return;
+                HEAD(32) HEAD(64) HEAD(96) HEAD(128) HEAD(160) HEAD(192) HEAD(256)
 #undef HEAD
-        }
+            }
 #endif
     switch (D) {      // head sizes as compile-time constants: the accumulators stay in registers
 #define HEAD(d) case d: paged_decode_heads<T, d>(q, ldq, cache, tables, max_blocks, ctx_lens, out, \
@@ -759,16 +833,17 @@ extern "C" void ember_paged_decode(int dtype, const void* q, int64_t ldq, const 
 // ---------------------------------------------------------------------------------------------
 // paged_prefill (bf16, head size a multiple of 32, no sliding window): a work item is a tile of
 // consecutive query rows of one request (tile_starts[t] .. [t+1]; row i sees context[i] keys) and
-// one KV head, so that each key block is prepared once for the tile's rows × G heads: keys
-// transposed to [D/2][16 keys] bf16 pairs (q·k for 16 keys is then D/2 dot products with a
-// broadcast query pair: no horizontal sums), values interleaved in key pairs as in paged_decode.
+// one KV head, so that each key block serves the tile's rows × G heads in the pair layout: keys
+// as [D/2][16 keys] bf16 pairs (q·k for 16 keys is then D/2 dot products with a broadcast query
+// pair: no horizontal sums), values in key pairs. A pair-layout cache holds its blocks so; from a
+// row-layout cache (other block sizes) each block is rearranged once per tile (PAIRS false).
 // Blocks go in chunks of up to CB; per chunk, four query vectors at a time: the scores of all the
 // chunk's keys, one online-softmax update per query over the whole chunk, then p·v (the update's
 // reductions are chains of dependent instructions: once per chunk, not once per block).
 #if defined(__AVX512BF16__)
 constexpr int PREFILL_MAX_Q = 32;          // query vectors (rows × G) a tile may hold
 
-template <int D>
+template <int D, bool PAIRS>
 static void paged_prefill_heads(const bf16* q, int64_t ldq, const bf16* cache,
                                 const int32_t* tables, int64_t max_blocks, const int32_t* ctx_lens,
                                 const int32_t* tile_starts, int64_t num_tiles, bf16* out,
@@ -782,8 +857,10 @@ static void paged_prefill_heads(const bf16* q, int64_t ldq, const bf16* cache,
             const int64_t last = ctx_lens[tile_starts[t + 1] - 1];
             const int32_t* table = tables + r0 * max_blocks;
             alignas(64) float acc[PREFILL_MAX_Q][D];
-            alignas(64) int32_t kt[CB][DP][16];
-            alignas(64) __m512i vpairs[CB][8][2 * NB];
+            alignas(64) int32_t kt[PAIRS ? 1 : CB][DP][16];          // the row layout's blocks,
+            alignas(64) __m512i vpairs[PAIRS ? 1 : CB][8][2 * NB];   // rearranged
+            const __m512i* kblk[CB];        // per block: [DP] vectors of 16 keys' dim pairs
+            const __m512i* vblk[CB];        // per block: [8][2·NB] vectors of 16 dims × key pair
             float m[PREFILL_MAX_Q], l[PREFILL_MAX_Q];
             const int32_t* qrow[PREFILL_MAX_Q];          // query vector v: row v / G, head v % G
             int64_t ctx[PREFILL_MAX_Q];
@@ -804,12 +881,19 @@ static void paged_prefill_heads(const bf16* q, int64_t ldq, const bf16* cache,
                 for (int64_t i = 0; i < nb; i++) {
                     const int64_t j0 = (c0 + i) * bs, n = std::min(last, j0 + bs) - j0;
                     const int64_t at = ((h * num_blocks + table[c0 + i]) * bs) * D;
+                    if (PAIRS) {            // already so in the cache
+                        kblk[i] = (const __m512i*)(cache + at);
+                        vblk[i] = (const __m512i*)(cache + plane + at);
+                        continue;
+                    }
                     const __mmask16 present = (__mmask16)((1u << n) - 1);
                     const int32_t* kb = (const int32_t*)(cache + at);
                     for (int dp = 0; dp < DP; dp++)
                         _mm512_store_si512(kt[i][dp], _mm512_mask_i32gather_epi32(
                             _mm512_setzero_si512(), present, key_offsets, kb + dp, 4));
                     interleave_value_pairs<NB>(cache + plane + at, n, D, vpairs[i]);
+                    kblk[i] = (const __m512i*)kt[i];
+                    vblk[i] = vpairs[i][0];
                 }
                 for (int64_t v0 = 0; v0 < nq; v0 += 4) {
                     const int64_t nv = std::min<int64_t>(4, nq - v0);
@@ -817,7 +901,7 @@ static void paged_prefill_heads(const bf16* q, int64_t ldq, const bf16* cache,
                     for (int64_t i = 0; i < nb; i++) {
                         for (int u = 0; u < 4; u++) s[u][i] = _mm512_setzero_ps();
                         for (int dp = 0; dp < DP; dp++) {
-                            const __m512bh k = (__m512bh)_mm512_load_si512(kt[i][dp]);
+                            const __m512bh k = (__m512bh)_mm512_loadu_si512(kblk[i] + dp);
                             for (int u = 0; u < 4; u++)
                                 if (u < nv)
                                     s[u][i] = _mm512_dpbf16_ps(
@@ -858,11 +942,11 @@ static void paged_prefill_heads(const bf16* q, int64_t ldq, const bf16* cache,
                             for (int64_t p = 0; p < npairs; p += 2) {
                                 const __m512bh p0 = (__m512bh)_mm512_set1_epi32(pairs[p]);
                                 for (int j = 0; j < NV; j++)
-                                    a0[j] = _mm512_dpbf16_ps(a0[j], p0, (__m512bh)vpairs[i][p][j]);
+                                    a0[j] = _mm512_dpbf16_ps(a0[j], p0, (__m512bh)_mm512_loadu_si512(vblk[i] + p * NV + j));
                                 if (p + 1 < npairs) {
                                     const __m512bh p1 = (__m512bh)_mm512_set1_epi32(pairs[p + 1]);
                                     for (int j = 0; j < NV; j++)
-                                        a1[j] = _mm512_dpbf16_ps(a1[j], p1, (__m512bh)vpairs[i][p + 1][j]);
+                                        a1[j] = _mm512_dpbf16_ps(a1[j], p1, (__m512bh)_mm512_loadu_si512(vblk[i] + (p + 1) * NV + j));
                                 }
                             }
                         }
@@ -871,9 +955,15 @@ static void paged_prefill_heads(const bf16* q, int64_t ldq, const bf16* cache,
                     }
                 }
             }
-            for (int64_t v = 0; v < nq; v++)
-                store_value_sum<NB>(acc[v], 1.f / l[v],
-                                    out + ((r0 + v / G) * H + h * G + v % G) * D);
+            for (int64_t v = 0; v < nq; v++) {
+                bf16* o = out + ((r0 + v / G) * H + h * G + v % G) * D;
+                if (PAIRS)          // sums in dim order
+                    for (int i = 0; i < NV; i++)
+                        store16(o + 16 * i, _mm512_mul_ps(_mm512_load_ps(acc[v] + 16 * i),
+                                                          _mm512_set1_ps(1.f / l[v])));
+                else
+                    store_value_sum<NB>(acc[v], 1.f / l[v], o);
+            }
         }
 }
 #endif
@@ -889,8 +979,15 @@ extern "C" int ember_paged_prefill(const void* q, int64_t ldq, const void* cache
     for (int64_t t = 0; t < num_tiles; t++)
         if ((tile_starts[t + 1] - tile_starts[t]) * (H / HK) > PREFILL_MAX_Q) return 0;
     switch (D) {
-#define HEAD(d) case d: paged_prefill_heads<d>((const bf16*)q, ldq, (const bf16*)cache, tables, \
-        max_blocks, ctx_lens, tile_starts, num_tiles, (bf16*)out, H, HK, num_blocks, bs, scale); \
+#define HEAD(d) case d: \
+        if (pair_layout(2, bs, d)) \
+            paged_prefill_heads<d, true>((const bf16*)q, ldq, (const bf16*)cache, tables, \
+                max_blocks, ctx_lens, tile_starts, num_tiles, (bf16*)out, H, HK, num_blocks, bs, \
+                scale); \
+        else \
+            paged_prefill_heads<d, false>((const bf16*)q, ldq, (const bf16*)cache, tables, \
+                max_blocks, ctx_lens, tile_starts, num_tiles, (bf16*)out, H, HK, num_blocks, bs, \
+                scale); \
         return 1;
         HEAD(32) HEAD(64) HEAD(96) HEAD(128) HEAD(160) HEAD(192) HEAD(256)
 #undef HEAD
@@ -956,7 +1053,7 @@ extern "C" void ember_decode_layers(const LayerWeights* layers, int64_t num_laye
         rotary_impl<bf16>(qkv, QKV, qkv + Q, QKV, q, k, positions, cos_sin, B, s->heads,
                           s->kv_heads, D);
         ember_kv_write(sizeof(bf16), k, KV, qkv + Q + KV, QKV, w.kv_cache, slots, B, s->kv_heads,
-                       s->num_blocks * s->block_size, D);
+                       s->num_blocks * s->block_size, s->block_size, D);
         paged_decode_impl<bf16>(q, Q, w.kv_cache, tables, max_blocks, ctx_lens, attn, B, s->heads,
                                 s->kv_heads, s->num_blocks, s->block_size, D, s->scale, s->window);
         packed_linear(attn, Q, w.o, w.o_scale, nullptr, x, H, B, H, Q);
