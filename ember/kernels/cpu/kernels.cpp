@@ -680,12 +680,16 @@ static void paged_decode_pairs(const bf16* q, int64_t ldq, const bf16* cache, co
     };
     std::atomic<int64_t> claimed{0};
     #pragma omp parallel
-    for (int64_t item = claimed.fetch_add(1), next; item < items; item = next) {
+    for (int64_t item = claimed.fetch_add(1), next, first = 1; item < items; item = next, first = 0) {
         next = claimed.fetch_add(1);
         const int64_t b = item / HK, h = item % HK, ctx = ctx_lens[b];
         const int64_t start = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
         const int32_t* table = tables + b * max_blocks;
         ItemPrefetch ahead{(const char*)cache, plane * 2, num_blocks};
+        if (first) {          // no earlier item fetched this one: all of it at once (small batches)
+            ahead.start(table, h, start / BS, (ctx + BS - 1) / BS, BS * D * 2);
+            while (ahead.blk < ahead.count) ahead.step();
+        }
         if (next < items) {
             const int64_t nb = next / HK;
             ahead.start(tables + nb * max_blocks, next % HK, first_block(nb),
