@@ -639,26 +639,29 @@ static void paged_decode_heads(const T* q, int64_t ldq, const T* cache, const in
 //   (3) p·v: each value vector (16 dims of a key pair) is loaded once for PG heads at a time.
 // Attention at decode is bound by reading the cache (W1: 64 sequences × ~200 keys × 30 layers,
 // ~280 MB a step), and its blocks lie anywhere, out of the hardware prefetcher's reach. So while
-// an item computes, it requests the next item's blocks into L2 a line at a time, spread over its
-// own loops (ItemPrefetch), so that the loads stream at the memory's pace instead of in bursts.
-// Items are handed out one ahead from an atomic counter (dynamically: long and short sequences
-// still balance), so that the next item is known.
+// an item computes, it requests blocks further on into L2, a line at a time spread over its own
+// loops (ItemPrefetch: as many lines per block it reads as a block has), so that the loads stream
+// at the memory's pace instead of in bursts: its own blocks from LEAD on, then the next item's
+// first LEAD (items are handed out one ahead from an atomic counter, dynamically, so long and
+// short sequences still balance, and the next item is known). LEAD blocks of keys and values
+// make 128 KB, a part of L2 (a whole next item ahead, unbounded, made batches of long contexts
+// 1.4× slower); a thread's first item fetches its own first LEAD blocks at once.
 #if defined(__AVX512BF16__)
 struct ItemPrefetch {
-    const char* keys;          // the cache's key plane; values lie `plane` bytes further
-    int64_t plane, head_blocks;   // bytes of a plane; blocks of one KV head
-    const int32_t* blocks = nullptr;
-    int64_t head = 0, count = 0, blk = 0, line = 0, lines = 0;   // lines: of a block's keys
+    const char* keys;             // the cache's key plane; values lie `plane` bytes further
+    int64_t plane, head_blocks, lines;   // bytes of a plane; blocks of one KV head; lines of a
+                                         // block's keys (as many for its values)
+    const int32_t* blocks = nullptr;     // the blocks being fetched, of KV head `head`
+    int64_t head = 0, count = 0, blk = 0, line = 0;
+    const int32_t* then_blocks = nullptr;   // fetched once those are done
+    int64_t then_head = 0, then_count = 0;
 
-    void start(const int32_t* table, int64_t h, int64_t first, int64_t end, int64_t bytes) {
-        blocks = table + first;
-        head = h;
-        count = end - first;
-        blk = line = 0;
-        lines = bytes / 64;
-    }
-    inline void step() {                 // one more line of the next item, if any is left
-        if (blk >= count) return;
+    inline void step() {          // one more line, if any is left
+        if (blk >= count) {
+            if (then_count == 0) return;
+            blocks = then_blocks, head = then_head, count = then_count;
+            then_count = blk = line = 0;
+        }
         const char* block = keys + (head * head_blocks + blocks[blk]) * lines * 64;
         _mm_prefetch(line < lines ? block + line * 64 : block + plane + (line - lines) * 64,
                      _MM_HINT_T1);
@@ -672,6 +675,7 @@ static void paged_decode_pairs(const bf16* q, int64_t ldq, const bf16* cache, co
                                int64_t H, int64_t HK, int64_t num_blocks, float scale,
                                int64_t window) {
     constexpr int64_t BS = 16, NV = D / 16, DP = D / 2, C = 128;
+    constexpr int64_t LEAD = (128 << 10) / (2 * BS * D * 2);   // blocks fetched ahead: 128 KB
     constexpr int SG = 4;                        // heads per score pass (× 2 blocks: 8 chains)
     constexpr int PG = NV >= 16 ? 1 : 16 / NV;   // heads per p·v pass (PG · NV accumulators)
     const int64_t G = H / HK, plane = HK * num_blocks * BS * D, items = B * HK;
@@ -685,15 +689,19 @@ static void paged_decode_pairs(const bf16* q, int64_t ldq, const bf16* cache, co
         const int64_t b = item / HK, h = item % HK, ctx = ctx_lens[b];
         const int64_t start = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
         const int32_t* table = tables + b * max_blocks;
-        ItemPrefetch ahead{(const char*)cache, plane * 2, num_blocks};
-        if (first) {          // no earlier item fetched this one: all of it at once (small batches)
-            ahead.start(table, h, start / BS, (ctx + BS - 1) / BS, BS * D * 2);
+        const int64_t own = start / BS, own_blocks = (ctx + BS - 1) / BS - own;
+        ItemPrefetch ahead{(const char*)cache, plane * 2, num_blocks, BS * D * 2 / 64};
+        if (first) {          // nothing fetched this item's first blocks: now, at once
+            ahead.blocks = table + own, ahead.head = h, ahead.count = std::min(LEAD, own_blocks);
             while (ahead.blk < ahead.count) ahead.step();
+            ahead.blk = ahead.line = 0;
         }
+        ahead.blocks = table + own + LEAD, ahead.head = h;
+        ahead.count = std::max<int64_t>(0, own_blocks - LEAD);
         if (next < items) {
-            const int64_t nb = next / HK;
-            ahead.start(tables + nb * max_blocks, next % HK, first_block(nb),
-                        (ctx_lens[nb] + BS - 1) / BS, BS * D * 2);
+            const int64_t nb = next / HK, nf = first_block(nb);
+            ahead.then_blocks = tables + nb * max_blocks + nf, ahead.then_head = next % HK;
+            ahead.then_count = std::min(LEAD, (ctx_lens[nb] + BS - 1) / BS - nf);
         }
         alignas(64) float acc[8][D], s[8][C];
         alignas(64) uint16_t p[8][C];
