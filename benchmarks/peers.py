@@ -275,18 +275,25 @@ def loadgen(base: str, label: str, n: int, conc: int, seed: int, extra: str | No
     return res
 
 
+def launch(engine: str, p: Paths, logfile: Path) -> tuple[subprocess.Popen, str, list[str], float]:
+    """Start the engine's server on a free loopback port: the process, its base URL, the command
+    and the moment it was launched."""
+    port = free_port()
+    cmd, env = server_command(engine, p, port)
+    with open(logfile, "w") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}", cmd, t0
+
+
 def first_start(engine: str, p: Paths, args) -> float:
     """Seconds from launch to the first token of a start that is then stopped: what follows it
     is a second start, with the engine's files in the page cache and its caches on disk written
     (ember's compiled kernels and prepared weights), as every start after the first."""
-    port = free_port()
-    cmd, env = server_command(engine, p, port)
-    with open(p.logs / f"server-{engine}-first.log", "w") as out:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+    proc, base, _, t0 = launch(engine, p, p.logs / f"server-{engine}-first.log")
     try:
-        wait_first_token(f"http://127.0.0.1:{port}", proc, args.start_timeout)
+        wait_first_token(base, proc, args.start_timeout)
         return time.perf_counter() - t0
     finally:
         stop_server(proc)
@@ -298,15 +305,9 @@ def bench_engine(engine: str, p: Paths, args) -> dict:
     busy = psutil.cpu_percent(interval=2.0)   # other work on the cores skews every figure
     if busy > 15:
         log(f"WARNING: the CPUs are {busy:.0f}% busy before {engine} starts: figures are unreliable")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    cmd, env = server_command(engine, p, port)
     logfile = p.logs / f"server-{engine}.log"
-    log(f"{engine}: starting on port {port} (log: {logfile})")
-    with open(logfile, "w") as out:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+    proc, base, cmd, t0 = launch(engine, p, logfile)
+    log(f"{engine}: started at {base} (log: {logfile})")
     rss = RssSampler(proc.pid)
     rss.start()
     try:

@@ -106,13 +106,16 @@ class CpuAttentionBackend(TorchAttentionBackend):
             return super().forward(q, k, v, kv_cache, meta)
         lib = cpu_kernels(kv_cache)
         _, hk, num_blocks, bs, d = kv_cache.shape
+
+        def rows_of_heads(t: torch.Tensor) -> bool:       # what the kernels take
+            return t.stride(-1) == 1 and t.stride(-2) == d
+
         if lib is not None and pair_layout(kv_cache.dtype, bs, d):
             # only the kernels read this layout: bring the inputs to what they take
             q, k, v = (t.to(kv_cache.dtype) for t in (q, k, v))
-            q, k, v = (t if t.stride(-1) == 1 and t.stride(-2) == d else t.contiguous()
-                       for t in (q, k, v))
+            q, k, v = (t if rows_of_heads(t) else t.contiguous() for t in (q, k, v))
         elif (lib is None or q.dtype != kv_cache.dtype
-                or not all(t.stride(-1) == 1 and t.stride(-2) == self.head_dim for t in (q, k, v))):
+                or not all(rows_of_heads(t) for t in (q, k, v))):
             return super().forward(q, k, v, kv_cache, meta.torch_metadata(self))
         lib.ember_kv_write(kv_cache.element_size(), k.data_ptr(), k.stride(0), v.data_ptr(),
                            v.stride(0), kv_cache.data_ptr(), meta.slot_mapping.data_ptr(),

@@ -83,7 +83,7 @@ template <typename T> static inline __m512 vround(__m512 v) {
 // registers); a panel of 32 outputs (K·64 bytes) is read in order, once per MR rows: at decode
 // (M ≤ MR) every weight is read exactly once, as one sequential stream per thread.
 #if defined(__AVX512BF16__)
-constexpr int MR = 10;      // 12 measured 4% slower on prefill's 1024 × 3072 × 576, no faster elsewhere
+constexpr int MR = 10;   // 12: 4% slower on prefill's 1024 × 3072 × 576, no faster elsewhere
 
 // one pair of inputs × 32 outputs of a packed panel, as two vectors of bf16 pairs. int8 weights
 // (weight-only quantization, one scale per output applied after the sum) convert exactly to bf16.
@@ -513,11 +513,11 @@ static inline __m512 hsum16(const __m512 v[16]) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Values in bf16 pairs, for p·v by dpbf16 (paged_prefill over a row-layout cache): the values of keys 2t
-// and 2t+1 of a block (n keys, rows of D from v) interleaved, 32 dims per pair of vectors. Per
-// 128-bit lane unpacklo holds dims 0-3 and unpackhi dims 4-7 of each 8, so sums against these
-// stay in that order until store_value_sum puts them back. A missing odd key counts as zeros
-// (its row is never read: it may lie past the cache).
+// Values in bf16 pairs, for p·v by dpbf16 (paged_prefill over a row-layout cache): the values of
+// keys 2t and 2t+1 of a block (n keys, rows of D from v) interleaved, 32 dims per pair of
+// vectors. Per 128-bit lane unpacklo holds dims 0-3 and unpackhi dims 4-7 of each 8, so sums
+// against these stay in that order until store_value_sum puts them back. A missing odd key counts
+// as zeros (its row is never read: it may lie past the cache).
 template <int NB>
 static inline void interleave_value_pairs(const bf16* v, int64_t n, int64_t D,
                                           __m512i pairs[8][2 * NB]) {
@@ -531,6 +531,14 @@ static inline void interleave_value_pairs(const bf16* v, int64_t n, int64_t D,
             pairs[t][2 * i + 1] = _mm512_unpackhi_epi16(a, c);
         }
     }
+}
+
+// out[0, 16·NV) = acc · inv, acc in dim order (an attention output row: value sums / softmax sum)
+template <int NV, typename T>
+static inline void store_scaled(const float* acc, float inv, T* out) {
+    const __m512 scale = _mm512_set1_ps(inv);
+    for (int i = 0; i < NV; i++)
+        store16(out + 16 * i, _mm512_mul_ps(_mm512_load_ps(acc + 16 * i), scale));
 }
 
 // out[0, 32·NB) = acc · inv, acc in interleave_value_pairs' order
@@ -618,12 +626,8 @@ static void paged_decode_heads(const T* q, int64_t ldq, const T* cache, const in
                     for (int i = 0; i < NV; i++) _mm512_store_ps(acc[g] + 16 * i, a[i]);
                 }
             }
-            for (int64_t g = 0; g < G; g++) {
-                const __m512 inv = _mm512_set1_ps(1.f / l[g]);
-                T* op = out + (b * H + h * G + g) * D;
-                for (int i = 0; i < NV; i++)
-                    store16(op + 16 * i, _mm512_mul_ps(_mm512_load_ps(acc[g] + 16 * i), inv));
-            }
+            for (int64_t g = 0; g < G; g++)
+                store_scaled<NV>(acc[g], 1.f / l[g], out + (b * H + h * G + g) * D);
         }
 }
 
@@ -644,8 +648,8 @@ static void paged_decode_heads(const T* q, int64_t ldq, const T* cache, const in
 // at the memory's pace instead of in bursts: its own blocks from LEAD on, then the next item's
 // first LEAD (items are handed out one ahead from an atomic counter, dynamically, so long and
 // short sequences still balance, and the next item is known). LEAD blocks of keys and values
-// make 128 KB, a part of L2 (a whole next item ahead, unbounded, made batches of long contexts
-// 1.4× slower); a thread's first item fetches its own first LEAD blocks at once.
+// make 128 KB, a part of L2 (a whole next item ahead, unbounded, made a layer of 4 sequences ×
+// 4,000 keys 1.9× slower); a thread's first item fetches its own first LEAD blocks at once.
 #if defined(__AVX512BF16__)
 struct ItemPrefetch {
     const char* keys;             // the cache's key plane; values lie `plane` bytes further
@@ -798,12 +802,8 @@ static void paged_decode_pairs(const bf16* q, int64_t ldq, const bf16* cache, co
                         for (int j = 0; j < NV; j++) _mm512_store_ps(acc[g0 + u] + 16 * j, a[u][j]);
             }
         }
-        for (int64_t g = 0; g < G; g++) {
-            const __m512 inv = _mm512_set1_ps(1.f / l[g]);
-            bf16* op = out + (b * H + h * G + g) * D;
-            for (int j = 0; j < NV; j++)
-                store16(op + 16 * j, _mm512_mul_ps(_mm512_load_ps(acc[g] + 16 * j), inv));
-        }
+        for (int64_t g = 0; g < G; g++)
+            store_scaled<NV>(acc[g], 1.f / l[g], out + (b * H + h * G + g) * D);
     }
 }
 #endif
@@ -973,9 +973,7 @@ static void paged_prefill_heads(const bf16* q, int64_t ldq, const bf16* cache,
             for (int64_t v = 0; v < nq; v++) {
                 bf16* o = out + ((r0 + v / G) * H + h * G + v % G) * D;
                 if (PAIRS)          // sums in dim order
-                    for (int i = 0; i < NV; i++)
-                        store16(o + 16 * i, _mm512_mul_ps(_mm512_load_ps(acc[v] + 16 * i),
-                                                          _mm512_set1_ps(1.f / l[v])));
+                    store_scaled<NV>(acc[v], 1.f / l[v], o);
                 else
                     store_value_sum<NB>(acc[v], 1.f / l[v], o);
             }
