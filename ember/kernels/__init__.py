@@ -173,6 +173,49 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     return x.argmax(-1)
 
 
+class GreedyHead:
+    """The tokens greedy rows sample, argmax(x · Wᵀ) over an LM head W: the index
+    argmax(linear(x, W, packed)) gives, without computing every logit. ember_greedy_head
+    (kernels.cpp) screens all outputs with int8 dot products and error bounds that hold for any
+    input, then computes exactly only the 32-output panels that could hold the maximum.
+
+    Its own int8 copy of W costs N·K bytes (half the bf16 panels). `panels_computed`: how many
+    panels the last call computed exactly, over all its rows (of N/32 per row)."""
+
+    def __init__(self, packed: torch.Tensor, n: int, k: int) -> None:
+        self.packed, self.n, self.k = packed, n, k
+        self.q = torch.empty(n * k, dtype=torch.int8)
+        self.colsum = torch.empty(n, dtype=torch.int32)
+        self.scale, self.err_norm, self.w_norm = (torch.empty(n) for _ in range(3))
+        cpu.library().ember_greedy_head_prepare(
+            packed.data_ptr(), n, k, self.q.data_ptr(), self.colsum.data_ptr(),
+            self.scale.data_ptr(), self.err_norm.data_ptr(), self.w_norm.data_ptr())
+        self.panels_computed = 0
+
+    @classmethod
+    def prepare(cls, weight: torch.Tensor, packed: torch.Tensor | None) -> GreedyHead | None:
+        """For W and its bf16 packing (pack_linear_weight), or None where the kernel cannot serve."""
+        lib = cpu_kernels(weight)
+        if (packed is None or packed.dtype != torch.bfloat16 or lib is None
+                or not lib.ember_has_greedy_head() or weight.shape[1] % 4):
+            return None
+        return cls(packed, *weight.shape)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x [M, K] → token ids [M] (int64), or None for an x it does not take (the caller then
+        computes the logits)."""
+        if x.dim() != 2 or x.dtype != torch.bfloat16 or x.stride(1) != 1 or x.device.type != "cpu":
+            return None
+        out = torch.empty(x.shape[0], dtype=torch.long)
+        computed = ctypes.c_int64(0)
+        cpu.library().ember_greedy_head(
+            x.data_ptr(), x.stride(0), x.shape[0], self.packed.data_ptr(), self.q.data_ptr(),
+            self.colsum.data_ptr(), self.scale.data_ptr(), self.err_norm.data_ptr(),
+            self.w_norm.data_ptr(), self.n, self.k, out.data_ptr(), ctypes.byref(computed))
+        self.panels_computed = computed.value
+        return out
+
+
 def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor):
     """Neox-style rotary embedding of q [T, H, D] and k [T, Hkv, D] (views are fine); cos_sin
     [max_pos, D] is (cos | sin). Returns the rotated q and k: new tensors on the CPU, q and k

@@ -33,9 +33,20 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(PackedWeight, VocabParallelEmbedding):
+    greedy: kernels.GreedyHead | None = None    # argmax without the logits (prepare_greedy)
+
     def __init__(self, vocab_size: int, dim: int, ps: ParallelState = SINGLE) -> None:
         super().__init__(vocab_size, dim, ps)
         self.vocab_size = vocab_size
+
+    def prepare_greedy(self) -> None:
+        """After packing: the greedy kernel's tables, where it serves (CPU, bf16, one rank)."""
+        self.greedy = (kernels.GreedyHead.prepare(self.weight.data, self.packed)
+                       if self.ps.tp_size == 1 and self.scales is None else None)
+
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """argmax(self(hidden), -1), the same ids, or None where only the logits can answer."""
+        return None if self.greedy is None else self.greedy(hidden)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = kernels.linear(hidden, self.weight, packed=self.packed, scales=self.scales)

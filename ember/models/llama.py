@@ -129,14 +129,20 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """compute_logits(hidden).argmax(-1) where a kernel can answer without the logits."""
+        return self.lm_head.greedy_tokens(hidden)
+
     def post_load(self, device: torch.device, dtype: torch.dtype,
                   quantization: str | None = None, pack: bool = True) -> None:
         """After the weights are in: rotary tables, packed (or quantized) linear weights unless
-        `pack` is False (they came packed from the prepared cache), the fused decode."""
+        `pack` is False (they came packed from the prepared cache), the greedy LM head's tables,
+        the fused decode."""
         self.model.rotary.build_cache(device, dtype)
         for module in self.modules():
             if pack and isinstance(module, PackedWeight):
                 module.pack_weight(quantization)
+        self.lm_head.prepare_greedy()
         self.model.fused_decode = FusedLlamaDecode.build(self.model)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

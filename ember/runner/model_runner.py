@@ -16,7 +16,7 @@ from ember.config import EngineConfig
 from ember.core.kv_cache_manager import KVCacheManager
 from ember.core.scheduler import SchedulerOutput
 from ember.runner.graphs import DecodeGraphs, supports_graphs
-from ember.runner.sampler import Sampler, SamplingBatch
+from ember.runner.sampler import Sampler, SamplerOutput, SamplingBatch
 
 MAX_GRAPH_BATCH = 512       # larger pure-decode steps run eagerly
 
@@ -88,17 +88,18 @@ class ModelRunner:
         input_ids = torch.tensor([t for s in sched for t in s.request.all_token_ids[
             s.request.num_computed_tokens:s.request.num_computed_tokens + s.num_new_tokens]])
         sampling_rows = [i for i, s in enumerate(sched) if s.samples]
+        logits = hidden = None
         if (self.graphs is not None and len(sampling_rows) == len(sched)
                 and self.graphs.can_run(layout)):
             logits = self.graphs.run(input_ids, layout)
         else:
-            logits = self._forward_eager(input_ids, layout, sampling_rows)
+            hidden = self._forward_eager(input_ids, layout, sampling_rows)
         sampled: list[int | None] = [None] * len(sched)
         logprobs: list[Logprobs | None] = [None] * len(sched)
         if sampling_rows:
             reqs = [sched[i].request for i in sampling_rows]
-            batch = SamplingBatch.build(reqs, logits.shape[-1], self.device)
-            res = self.sampler(logits, batch)
+            batch = SamplingBatch.build(reqs, self.cfg.model_config.vocab_size, self.device)
+            res = self._sample(batch, hidden, logits)
             tokens = res.token_ids.tolist()
             lp = self._logprobs(res, batch) if res.logprobs is not None else [None] * len(reqs)
             for row, tok, lpi in zip(sampling_rows, tokens, lp):
@@ -110,13 +111,25 @@ class ModelRunner:
         return RunnerOutput([sampled[p] for p in inverse], [logprobs[p] for p in inverse])
 
     def _forward_eager(self, input_ids, layout: BatchLayout, sampling_rows) -> torch.Tensor | None:
+        """The final hidden state of each sampling row's last token (None if no row samples)."""
         meta = self.backend.build_metadata(layout, self.device)
         hidden = self.model(input_ids.to(self.device), layout.positions.to(self.device),
                             self.kv_caches, meta)
         if not sampling_rows:
             return None
         last_token = (layout.query_lens.cumsum(0) - 1)[sampling_rows]
-        return self.model.compute_logits(hidden[last_token.to(self.device)])
+        return hidden[last_token.to(self.device)]
+
+    def _sample(self, batch: SamplingBatch, hidden: torch.Tensor | None,
+                logits: torch.Tensor | None) -> SamplerOutput:
+        """Tokens for the sampling rows, from their logits or else their hidden states. When every
+        row takes the argmax of logits left as they are, the model's greedy kernel answers from
+        the hidden states without computing the logits (the same tokens)."""
+        if logits is None:
+            if batch.argmax_only and (tokens := self.model.greedy_tokens(hidden)) is not None:
+                return SamplerOutput(tokens)
+            logits = self.model.compute_logits(hidden)
+        return self.sampler(logits, batch)
 
     @staticmethod
     def _logprobs(res, batch: SamplingBatch) -> list[Logprobs | None]:

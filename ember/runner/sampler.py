@@ -29,6 +29,13 @@ class SamplingBatch:
     generators: list                     # per row: torch.Generator or None
     num_logprobs: list[int | None]       # per row
 
+    @property
+    def argmax_only(self) -> bool:
+        """Every row greedy, and nothing changes the logits or reports them: a row's token is the
+        argmax of its raw logits."""
+        return (self.all_greedy and self.penalties is None and self.banned is None
+                and all(k is None for k in self.num_logprobs))
+
     @classmethod
     def build(cls, requests: list[Request], vocab_size: int, device: torch.device) -> "SamplingBatch":
         sps = [r.sampling_params for r in requests]
@@ -139,8 +146,7 @@ class Sampler:
         self.generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
-        if (b.all_greedy and b.penalties is None and b.banned is None
-                and all(k is None for k in b.num_logprobs)):
+        if b.argmax_only:
             return SamplerOutput(kernels.argmax(logits))     # the logits as they are, read once
         logits = logits.float()
         raw_logprobs = logits.log_softmax(-1) if any(k is not None for k in b.num_logprobs) else None

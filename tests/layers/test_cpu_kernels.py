@@ -145,3 +145,92 @@ def test_int8_linear_matches_its_dequantized_weight(m):
     got = kernels.linear(x, w, bias, packed, scales)
     torch.testing.assert_close(got.float(), x.float() @ deq.T + bias.float(), rtol=2 ** -7,
                                atol=1e-2)
+
+
+def _greedy_head(w: torch.Tensor):
+    packed = kernels.pack_linear_weight(w)
+    head = kernels.GreedyHead.prepare(w, packed)
+    assert head is not None
+    return head, lambda x: kernels.argmax(kernels.linear(x, w, packed=packed))
+
+
+needs_greedy_head = pytest.mark.skipif(
+    not (cpu.has_linear_bf16() and cpu.library().ember_has_greedy_head()),
+    reason="needs AVX-512 BF16 and VNNI")
+
+
+@needs_greedy_head
+@pytest.mark.parametrize("m", [1, 7, 8, 13, 64, 170])
+@pytest.mark.parametrize("n,k", [(4096, 576), (1024, 64), (2048, 100)])
+def test_greedy_head_gives_the_argmax_of_the_logits(m, n, k):
+    """The same token ids as argmax(linear(x)) over bf16 logits, with a few large input dims (as
+    the final norm leaves them) and rows of every size class; and the screen does screen."""
+    g = torch.Generator().manual_seed(m * 7 + n + k)
+    w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
+    head, reference = _greedy_head(w)
+    x = torch.randn(m, k, generator=g)
+    x[:, 3] *= 40
+    x[:, k // 2] *= -25
+    x[0] *= 1e-3 if m > 1 else 1                       # a small row: the margin's +1 dominates
+    if m > 2:
+        x[1] = 0                                       # all logits 0: the first index
+    x = x.bfloat16()
+    assert torch.equal(head(x), reference(x))
+    # (rows 0 and 1 keep every panel: all their logits are within the margin of each other)
+    ordinary = x[2:] if m > 2 else x
+    assert torch.equal(head(ordinary), reference(ordinary))
+    assert head.panels_computed < 0.1 * len(ordinary) * n / 32
+
+
+@needs_greedy_head
+def test_greedy_head_ties_go_to_the_first_index():
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(2048, 128, generator=g) * 0.05).bfloat16()
+    w[1500] = w[700]
+    w[40] = w[700]                        # three equal rows, in different panels
+    w[41] = w[700]
+    w[41, 0] += 2 ** -14                  # a fourth a hair away: equal or not once in bf16
+    head, reference = _greedy_head(w)
+    x = (w[700].float() * torch.linspace(0.5, 30, 24)[:, None]).bfloat16()
+    got = head(x)
+    assert torch.equal(got, reference(x)) and set(got.tolist()) <= {40, 41}
+
+
+@needs_greedy_head
+def test_greedy_head_non_finite_rows_answer_as_argmax():
+    g = torch.Generator().manual_seed(6)
+    w = (torch.randn(1024, 64, generator=g) * 0.05).bfloat16()
+    head, reference = _greedy_head(w)
+    x = torch.randn(5, 64, generator=g)
+    x[1, 10] = float("nan")
+    x[2, 20] = float("inf")
+    x[3, 30] = -float("inf")
+    x = x.bfloat16()
+    assert torch.equal(head(x), reference(x))
+
+
+def test_greedy_head_takes_only_what_it_can():
+    w = torch.randn(64, 64)
+    assert kernels.GreedyHead.prepare(w, kernels.pack_linear_weight(w)) is None    # fp32
+    w = w.bfloat16()
+    assert kernels.GreedyHead.prepare(w, None) is None                             # unpacked
+    wk = torch.randn(64, 66).bfloat16()                                            # K % 4
+    assert kernels.GreedyHead.prepare(wk, kernels.pack_linear_weight(wk)) is None
+
+
+@needs_greedy_head
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_head_exact_where_the_int8_estimate_is_coarse(seed):
+    """More large input dims than the kernel takes out exactly (so the int8 scale is coarse and
+    the estimates are off by more than the logits' gaps): the bounds still keep the winner."""
+    g = torch.Generator().manual_seed(seed)
+    n, k = 2048, 256
+    large = slice(0, 120, 2)             # 60 large dims, each in its own pair
+    w = torch.randn(n, k, generator=g) * 0.05
+    w[:, large] = 0                      # they only coarsen the scale: close logits, poor estimates
+    w = w.bfloat16()
+    head, reference = _greedy_head(w)
+    x = torch.randn(32, k, generator=g)
+    x[:, large] *= 60
+    x = x.bfloat16()
+    assert torch.equal(head(x), reference(x))

@@ -54,6 +54,28 @@ def test_fused_decode_equals_modules(case, quantization, tmp_path, save_random_m
     assert fused == modules
 
 
+@pytest.mark.skipif(not (cpu.has_linear_bf16() and cpu.library().ember_has_greedy_head()),
+                    reason="the greedy LM-head kernel needs AVX-512 VNNI")
+@pytest.mark.parametrize("case", ["llama", "qwen2-bias"])
+def test_greedy_head_kernel_equals_the_logits_argmax(case, tmp_path, save_random_model):
+    """Random weights give flat logits (many near-ties for the screen): the kernel's greedy tokens
+    are still those of argmax over the logits, with a tied and an untied LM head."""
+    from ember import LLM
+
+    save_random_model(_config(case), str(tmp_path), seed=0)
+    llm = LLM(str(tmp_path), dtype="bfloat16", enable_prefix_caching=False)
+    head = llm.engine.model.lm_head
+    assert head.greedy is not None
+    g = torch.Generator().manual_seed(2)
+    prompts = [{"prompt_token_ids": torch.randint(3, 49152, (n,), generator=g).tolist()}
+               for n in (3, 11, 30, 64)]
+    sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    kernel = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+    head.greedy = None
+    logits = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+    assert kernel == logits
+
+
 def test_int8_stays_close_to_bf16_on_the_default_model():
     """Weight-only int8 (per-row scales) moves the default model's logprobs only a little: the
     chosen tokens' logprobs under bf16 and int8 weights, on the same (bf16-greedy) text."""

@@ -121,6 +121,24 @@ def test_greedy_matches_transformers(batched, reference, prompts):
                            f"{mismatches[:3]}"
 
 
+def test_greedy_without_logprobs_takes_the_kernel_and_the_same_tokens(smollm2, prompts, batched,
+                                                                      monkeypatch):
+    """Greedy rows that ask for no logprobs get their tokens from the LM head's greedy kernel,
+    without logits: the tokens of the logits path (`batched`, which asked for logprobs, and which
+    test_greedy_matches_transformers holds to transformers')."""
+    from ember.kernels import cpu
+    head = smollm2.engine.model.lm_head
+    if not (cpu.has_linear_bf16() and cpu.library().ember_has_greedy_head()):
+        pytest.skip("the greedy LM-head kernel needs AVX-512 BF16 and VNNI")
+    rows = []
+    kernel = head.greedy_tokens
+    monkeypatch.setattr(head, "greedy_tokens", lambda h: rows.append(len(h)) or kernel(h))
+    outs = smollm2.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
+                            use_tqdm=False)
+    assert rows and max(rows) > 1                     # batched decode steps went through it
+    assert [o.outputs[0].token_ids for o in outs] == [b.outputs[0].token_ids for b in batched]
+
+
 def test_chosen_logprobs_match_transformers(batched, reference):
     worst = 0.0
     for out, (ref_tokens, ref_lps) in zip(batched, reference):

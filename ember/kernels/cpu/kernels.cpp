@@ -9,6 +9,7 @@
 //   rms_norm      out = w · norm(x + residual), the sum written for the next layer (fused add)
 //   rotary        neox-style rotation of q and k, cos|sin table indexed by position
 //   silu_mul      out = silu(gate) · up
+//   greedy_head   argmax(x·Wᵀ) over the LM head, the full product's answer from an int8 screen
 //   kv_write      new keys/values into their slots of the paged cache
 //   paged_decode  one query per sequence against its blocks, online softmax, GQA groups together
 //   decode_layers every layer of a Llama-family decode step, through the kernels above
@@ -18,6 +19,7 @@
 #include <algorithm>
 #include <atomic>
 #include <type_traits>
+#include <vector>
 #include <immintrin.h>
 
 #if !defined(__AVX512F__) || !defined(__AVX512BW__)
@@ -420,6 +422,330 @@ extern "C" void ember_argmax(int dtype, const void* x, int64_t ld, int64_t rows,
                              int64_t* out) {
     if (dtype == 1) argmax_impl((const bf16*)x, ld, rows, cols, out);
     else argmax_impl((const float*)x, ld, rows, cols, out);
+}
+
+// ---------------------------------------------------------------------------------------------
+// greedy_head: the token a greedy row samples, argmax(x · Wᵀ) over the LM head W [N, K], the same
+// index ember_argmax(ember_linear_bf16(x, W)) gives (bf16 logits, the first of equal maxima), at
+// about half the cost: at batch 64 the LM head is ~15% of a decode step, and int8 dot products
+// run twice as many multiply-adds per instruction as bf16 ones.
+//
+// 1. Screen. Every logit is estimated with int8 dot products, together with a bound on the
+//    estimate's error that holds for any input (no statistics):
+//      x = t·p + r    (p int8, one scale t per row; r the rounding residual)
+//      W_j = s_j·q_j + e_j    (q_j int8, one scale s_j per output, prepared once)
+//      x·W_j = t·s_j·(p·q_j) + (t·p)·e_j + r·W_j,   |the last two| ≤ ‖t·p‖·‖e_j‖ + ‖r‖·‖W_j‖
+//    by Cauchy–Schwarz. A few dimensions of x are far larger than the rest (outliers) and would
+//    make t coarse: the 16 input pairs largest in this batch are left out of p and added exactly
+//    (bf16 dot products on W's packed bf16 panel), so r covers the ordinary dimensions only.
+// 2. Keep every 32-output panel holding an output whose upper bound reaches the largest lower
+//    bound lb, less a margin γ. Each bound also carries 1e-4·‖x‖·‖W_j‖, more than the rounding
+//    of the fp32 sums (the exact path's, ≤ K·2⁻²⁴·‖x‖·‖W_j‖, and the estimate's own), so the
+//    exact path's fp32 logits lie within the bounds too. An output outside the kept panels then
+//    has an fp32 logit below lb − γ, and the output with the largest lower bound one at or above
+//    lb. γ = (max(|lb|, |ub|) + 1)/32 exceeds two bf16 ulps (≤ |v|·2⁻⁷ each) at either value, so
+//    the two round to different bf16 values: the one outside can neither win nor tie.
+// 3. Recompute the kept panels with gemm_tile, the very loop linear_bf16 runs, so their bf16
+//    logits are bit for bit those of the full product, and take the first largest.
+// A row with a non-finite value (or non-finite bounds) computes every panel, as the full path.
+// Typically a handful of the N/32 panels survive the screen.
+#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+constexpr int OUTLIER_PAIRS = 16;
+constexpr int SCREEN_R = 8;     // rows per screen tile; 10 was slower at batch 64 (a last tile of 4)
+
+// From the LM head W [N, K] as linear_bf16 reads it (packed: [N/32][K/2][32][2]; the pages every
+// step reads anyway, where the plain weight may be an embedding mapped from disk):
+// q [N/32][K/4][32][4] int8 (four inputs of 32 outputs side by side, what one VNNI dot product
+// reads), colsum_j = Σ_k q_jk, scale s_j, err_norm ≥ ‖W_j − s_j·q_j‖, w_norm ≥ ‖W_j‖ (fp32
+// rounded up from double sums).
+static void greedy_head_prepare_impl(const bf16* packed, int64_t N, int64_t K, int8_t* q,
+                                     int32_t* colsum, float* scale, float* err_norm,
+                                     float* w_norm) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t j = 0; j < N; j++) {
+        const bf16* w = packed + (j / 32) * K * 32 + (j % 32) * 2;    // W[j, k] at w[(k/2)·64 + k%2]
+        auto weight = [&](int64_t k) { return bf16_to_f32(w[(k / 2) * 64 + k % 2]); };
+        float amax = 0.f;
+        for (int64_t k = 0; k < K; k++) amax = std::max(amax, std::fabs(weight(k)));
+        const float s = amax > 0.f && std::isfinite(amax) ? amax / 127.f : 1.f;
+        int8_t* panel = q + (j / 32) * K * 32 + (j % 32) * 4;
+        double e2 = 0, w2 = 0;
+        int32_t sum = 0;
+        for (int64_t k = 0; k < K; k++) {
+            const float v = weight(k);
+            const float r = std::nearbyint(v / s);
+            const int32_t qi = std::isfinite(r) ? (int32_t)std::min(127.f, std::max(-127.f, r)) : 0;
+            panel[(k / 4) * 128 + k % 4] = (int8_t)qi;
+            sum += qi;
+            const double e = (double)v - (double)s * qi;
+            e2 += e * e;
+            w2 += (double)v * v;
+        }
+        colsum[j] = sum;
+        scale[j] = s;
+        // rounded up: a bound must not shrink on its way to fp32 (NaN/inf stay, and send the
+        // rows that meet them down the exact path)
+        err_norm[j] = std::nextafter((float)std::sqrt(e2), INFINITY);
+        w_norm[j] = std::nextafter((float)std::sqrt(w2), INFINITY);
+    }
+}
+
+struct ScreenRow {          // one row of x, as the screen reads it
+    float t;                // the int8 scale of the ordinary dimensions
+    float tp_norm;          // ≥ ‖t·p‖
+    float r_norm;           // ≥ ‖r‖, plus the slack for the fp32 arithmetic (1e-4·‖x‖)
+    bool exact;             // non-finite input: every panel, exactly
+};
+
+// acc += Σ of 4 products u8·s8 per 32-bit lane. In asm: through the intrinsic, GCC 12 moved the
+// accumulators of a 10-row tile through the stack on every step (the int8 screen ran at half speed).
+static inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
+    asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+    return acc;
+}
+
+// The int8 estimate of R rows × 32 outputs, unscaled: Σ_k u·q (u = p + 128).
+template <int R>
+static inline void vnni_tile(const uint8_t* u, int64_t K, const int8_t* qp, int32_t* sums) {
+    __m512i acc[R][2];
+    for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
+    for (int64_t kq = 0; kq < K / 4; kq++) {
+        const __m512i b0 = _mm512_loadu_si512(qp + kq * 128);
+        const __m512i b1 = _mm512_loadu_si512(qp + kq * 128 + 64);
+        for (int i = 0; i < R; i++) {
+            int32_t quad;
+            std::memcpy(&quad, u + i * K + 4 * kq, 4);
+            const __m512i a = _mm512_set1_epi32(quad);
+            acc[i][0] = dpbusd(acc[i][0], a, b0);
+            acc[i][1] = dpbusd(acc[i][1], a, b1);
+        }
+    }
+    for (int i = 0; i < R; i++) {
+        _mm512_storeu_si512(sums + i * 32, acc[i][0]);
+        _mm512_storeu_si512(sums + i * 32 + 16, acc[i][1]);
+    }
+}
+
+// est [R][32] += the outlier pairs' products, exactly as bf16 dot products
+template <int R>
+static inline void outlier_tile(const bf16* x, int64_t ldx, const bf16* bp, const int* pairs,
+                                int n_pairs, float* est) {
+    __m512 acc[R][2];
+    for (int i = 0; i < R; i++) {
+        acc[i][0] = _mm512_loadu_ps(est + i * 32);
+        acc[i][1] = _mm512_loadu_ps(est + i * 32 + 16);
+    }
+    for (int o = 0; o < n_pairs; o++) {
+        __m512bh b0, b1;
+        load_pairs(bp, pairs[o], b0, b1);
+        for (int i = 0; i < R; i++) {
+            int32_t pair;
+            std::memcpy(&pair, x + i * ldx + 2 * pairs[o], 4);
+            const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, b0);
+            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, b1);
+        }
+    }
+    for (int i = 0; i < R; i++) {
+        _mm512_storeu_ps(est + i * 32, acc[i][0]);
+        _mm512_storeu_ps(est + i * 32 + 16, acc[i][1]);
+    }
+}
+
+// R rows × 32 outputs of one panel: bounds (lo = estimate − bound, hi = estimate + bound), their
+// maximum over the panel's outputs written to lo_max / hi_max [row][panel].
+template <int R>
+static inline void screen_tile(const uint8_t* u, int64_t K, const bf16* x, int64_t ldx,
+                               const ScreenRow* rows, const int8_t* qp, const bf16* bp,
+                               const int32_t* colsum, const float* scale, const float* err_norm,
+                               const float* w_norm, const int* pairs, int n_pairs,
+                               float* lo_max, float* hi_max, int64_t ld) {
+    alignas(64) int32_t sums[R * 32];
+    alignas(64) float est[R * 32];
+    vnni_tile<R>(u, K, qp, sums);
+    // u = p + 128: take 128·Σq back out (exact in int32), then scale
+    const __m512i c0 = _mm512_slli_epi32(_mm512_loadu_si512(colsum), 7);
+    const __m512i c1 = _mm512_slli_epi32(_mm512_loadu_si512(colsum + 16), 7);
+    const __m512 s0 = _mm512_loadu_ps(scale), s1 = _mm512_loadu_ps(scale + 16);
+    for (int i = 0; i < R; i++) {
+        const __m512 t = _mm512_set1_ps(rows[i].t);
+        const __m512i a0 = _mm512_sub_epi32(_mm512_load_si512(sums + i * 32), c0);
+        const __m512i a1 = _mm512_sub_epi32(_mm512_load_si512(sums + i * 32 + 16), c1);
+        _mm512_store_ps(est + i * 32, _mm512_mul_ps(_mm512_cvtepi32_ps(a0), _mm512_mul_ps(t, s0)));
+        _mm512_store_ps(est + i * 32 + 16,
+                        _mm512_mul_ps(_mm512_cvtepi32_ps(a1), _mm512_mul_ps(t, s1)));
+    }
+    outlier_tile<R>(x, ldx, bp, pairs, n_pairs, est);
+    const __m512 e0 = _mm512_loadu_ps(err_norm), e1 = _mm512_loadu_ps(err_norm + 16);
+    const __m512 w0 = _mm512_loadu_ps(w_norm), w1 = _mm512_loadu_ps(w_norm + 16);
+    for (int i = 0; i < R; i++) {
+        const __m512 tp = _mm512_set1_ps(rows[i].tp_norm), rn = _mm512_set1_ps(rows[i].r_norm);
+        const __m512 d0 = _mm512_fmadd_ps(tp, e0, _mm512_mul_ps(rn, w0));
+        const __m512 d1 = _mm512_fmadd_ps(tp, e1, _mm512_mul_ps(rn, w1));
+        const __m512 v0 = _mm512_load_ps(est + i * 32), v1 = _mm512_load_ps(est + i * 32 + 16);
+        // max_ps passes its second operand when either is NaN: NaN must survive to the row
+        // check, so the running value goes second
+        const __m512 lo = _mm512_max_ps(_mm512_sub_ps(v1, d1), _mm512_sub_ps(v0, d0));
+        const __m512 hi = _mm512_max_ps(_mm512_add_ps(v1, d1), _mm512_add_ps(v0, d0));
+        const bool finite = !_mm512_cmp_ps_mask(lo, lo, _CMP_UNORD_Q)
+                            && !_mm512_cmp_ps_mask(hi, hi, _CMP_UNORD_Q);
+        lo_max[i * ld] = finite ? _mm512_reduce_max_ps(lo) : NAN;
+        hi_max[i * ld] = finite ? _mm512_reduce_max_ps(hi) : NAN;
+    }
+}
+
+static void greedy_head_impl(const bf16* x, int64_t ldx, int64_t M, const bf16* packed,
+                             const int8_t* q, const int32_t* colsum, const float* scale,
+                             const float* err_norm, const float* w_norm, int64_t N, int64_t K,
+                             int64_t* out, int64_t* panels_computed) {
+    const int64_t P = N / 32;
+    // the outlier pairs: largest |x| over the batch
+    std::vector<float> score(K / 2, 0.f);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k++) {
+            const float a = std::fabs(bf16_to_f32(x[m * ldx + k]));
+            if (a > score[k / 2]) score[k / 2] = a;          // (NaN ignored here: see `exact`)
+        }
+    std::vector<int> order(K / 2);
+    for (int64_t i = 0; i < K / 2; i++) order[i] = (int)i;
+    const int n_pairs = (int)std::min<int64_t>(OUTLIER_PAIRS, K / 2);
+    std::partial_sort(order.begin(), order.begin() + n_pairs, order.end(),
+                      [&](int a, int b) { return score[a] > score[b] || (score[a] == score[b] && a < b); });
+    std::vector<int> pairs(order.begin(), order.begin() + n_pairs);
+    std::sort(pairs.begin(), pairs.end());
+    std::vector<uint8_t> is_outlier(K, 0);
+    for (int p : pairs) is_outlier[2 * p] = is_outlier[2 * p + 1] = 1;
+
+    // the rows, quantized: u = p + 128
+    std::vector<uint8_t> u(M * K);
+    std::vector<ScreenRow> rows(M);
+    for (int64_t m = 0; m < M; m++) {
+        const bf16* xr = x + m * ldx;
+        float amax = 0.f;
+        bool finite = true;
+        for (int64_t k = 0; k < K; k++) {
+            const float v = bf16_to_f32(xr[k]);
+            finite &= std::isfinite(v);
+            if (!is_outlier[k]) amax = std::max(amax, std::fabs(v));
+        }
+        const float t = amax > 0.f ? amax / 127.f : 1.f;
+        double tp2 = 0, r2 = 0, x2 = 0;
+        for (int64_t k = 0; k < K; k++) {
+            const float v = bf16_to_f32(xr[k]);
+            int32_t p = 0;
+            if (!is_outlier[k] && finite) {
+                p = (int32_t)std::min(127.f, std::max(-127.f, std::nearbyint(v / t)));
+                const double r = (double)v - (double)t * p;
+                tp2 += ((double)t * p) * ((double)t * p);
+                r2 += r * r;
+            }
+            x2 += (double)v * v;
+            u[m * K + k] = (uint8_t)(p + 128);
+        }
+        rows[m] = {t, std::nextafter((float)std::sqrt(tp2), INFINITY),
+                   std::nextafter((float)(std::sqrt(r2) + 1e-4 * std::sqrt(x2)), INFINITY),
+                   !finite};
+    }
+
+    std::vector<float> lo_max(M * P), hi_max(M * P);
+    for_panel_blocks(P, M, [&](int64_t p, int64_t m0, int64_t n) {
+        const int8_t* qp = q + p * K * 32;
+        const bf16* bp = packed + p * K * 32;
+        const int64_t c = p * 32;
+        if (p + 1 < P)          // the next panel's outlier lines: scattered, so no prefetcher's
+            for (int o = 0; o < n_pairs; o++) {
+                _mm_prefetch((const char*)(bp + K * 32 + pairs[o] * 64), _MM_HINT_T0);
+                _mm_prefetch((const char*)(bp + K * 32 + pairs[o] * 64 + 32), _MM_HINT_T0);
+            }
+        int64_t i = 0;
+        auto tile = [&](auto r) {
+            constexpr int R = decltype(r)::value;
+            screen_tile<R>(u.data() + (m0 + i) * K, K, x + (m0 + i) * ldx, ldx,
+                           rows.data() + m0 + i, qp, bp, colsum + c, scale + c, err_norm + c,
+                           w_norm + c, pairs.data(), n_pairs, lo_max.data() + (m0 + i) * P + p,
+                           hi_max.data() + (m0 + i) * P + p, P);
+        };
+        for (; i + SCREEN_R <= n; i += SCREEN_R) tile(std::integral_constant<int, SCREEN_R>());
+        switch (n - i) {
+#define TAIL(r) case r: tile(std::integral_constant<int, r>()); break;
+            TAIL(1) TAIL(2) TAIL(3) TAIL(4) TAIL(5) TAIL(6) TAIL(7)
+#undef TAIL
+        }
+    });
+
+    int64_t computed = 0;
+    #pragma omp parallel for schedule(dynamic, 1) reduction(+:computed)
+    for (int64_t m = 0; m < M; m++) {
+        const float* lo = lo_max.data() + m * P;
+        const float* hi = hi_max.data() + m * P;
+        float lb = -INFINITY, ub = -INFINITY;
+        bool exact = rows[m].exact;
+        for (int64_t p = 0; p < P && !exact; p++) {
+            exact = !std::isfinite(lo[p]) || !std::isfinite(hi[p]);
+            lb = std::max(lb, lo[p]);
+            ub = std::max(ub, hi[p]);
+        }
+        // more than two bf16 ulps at any magnitude in play (an ulp is at most |v|·2⁻⁷; γ ≥ |lb|/63
+        // is enough, see the note above)
+        const float gamma = (std::max(std::fabs(lb), std::fabs(ub)) + 1.f) * (1.f / 32);
+        const float threshold = lb - gamma;
+        exact |= !std::isfinite(threshold);
+        // the first largest bf16 logit over the panels kept (all of them: `every`), and whether
+        // a non-finite one was met (then only the full row answers as torch.argmax does)
+        const bf16* xr = x + m * ldx;
+        auto scan = [&](bool every, bool& nonfinite) {
+            bf16 logits[32];
+            float best = -INFINITY;
+            int64_t best_j = -1;
+            for (int64_t p = 0; p < P; p++) {
+                if (!every && !(hi[p] >= threshold)) continue;
+                gemm_tile<1>(xr, ldx, packed + p * K * 32, K, nullptr, nullptr, logits, 32);
+                computed++;
+                for (int l = 0; l < 32; l++) {
+                    const float v = bf16_to_f32(logits[l]);
+                    if (!std::isfinite(v)) nonfinite = true;
+                    if (v != v) return p * 32 + l;         // NaN: the first one
+                    if (best_j < 0 || v > best) { best = v; best_j = p * 32 + l; }
+                }
+            }
+            return best_j;
+        };
+        bool nonfinite = false;
+        int64_t token = scan(exact, nonfinite);
+        if (nonfinite && !exact) token = scan(true, nonfinite);
+        out[m] = token;
+    }
+    if (panels_computed) *panels_computed = computed;
+}
+#endif
+
+extern "C" int ember_has_greedy_head() {
+#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+extern "C" void ember_greedy_head_prepare(const bf16* packed, int64_t N, int64_t K, int8_t* q,
+                                          int32_t* colsum, float* scale, float* err_norm,
+                                          float* w_norm) {
+#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+    greedy_head_prepare_impl(packed, N, K, q, colsum, scale, err_norm, w_norm);
+#endif
+}
+
+// x [M, K] bf16 (row stride ldx); packed: the LM head as pack_linear_weight packs it; the rest
+// from ember_greedy_head_prepare. out [M] token ids; panels_computed (optional): how many 32-output
+// panels were computed exactly, over all rows.
+extern "C" void ember_greedy_head(const bf16* x, int64_t ldx, int64_t M, const bf16* packed,
+                                  const int8_t* q, const int32_t* colsum, const float* scale,
+                                  const float* err_norm, const float* w_norm, int64_t N,
+                                  int64_t K, int64_t* out, int64_t* panels_computed) {
+#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+    greedy_head_impl(x, ldx, M, packed, q, colsum, scale, err_norm, w_norm, N, K, out,
+                     panels_computed);
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------
