@@ -454,39 +454,66 @@ constexpr int OUTLIER_PAIRS = 16;
 constexpr int SCREEN_R = 8;     // rows per screen tile; 10 was slower at batch 64 (a last tile of 4)
 
 // From the LM head W [N, K] as linear_bf16 reads it (packed: [N/32][K/2][32][2]; the pages every
-// step reads anyway, where the plain weight may be an embedding mapped from disk):
-// q [N/32][K/4][32][4] int8 (four inputs of 32 outputs side by side, what one VNNI dot product
-// reads), colsum_j = Σ_k q_jk, scale s_j, err_norm ≥ ‖W_j − s_j·q_j‖, w_norm ≥ ‖W_j‖ (fp32
-// rounded up from double sums).
+// step reads anyway, where the plain weight may be an embedding mapped from disk), a panel of 32
+// outputs at a time: q [N/32][K/4][32][4] int8 (four inputs of 32 outputs side by side, what one
+// VNNI dot product reads), colsum_j = Σ_k q_jk, scale s_j, err_norm ≥ ‖W_j − s_j·q_j‖ and
+// w_norm ≥ ‖W_j‖. The norms are fp32 sums of squares, at most K·2⁻²⁴ relative off, then raised
+// by 1e-3 relative so that they bound. NaN or inf weights give NaN or inf norms: the rows that
+// meet them take the exact path.
+static inline void bf16_pairs_to_f32(__m512i v, __m512& even, __m512& odd) {
+    even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000)));
+}
+
 static void greedy_head_prepare_impl(const bf16* packed, int64_t N, int64_t K, int8_t* q,
                                      int32_t* colsum, float* scale, float* err_norm,
                                      float* w_norm) {
+    const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
     #pragma omp parallel for schedule(static)
-    for (int64_t j = 0; j < N; j++) {
-        const bf16* w = packed + (j / 32) * K * 32 + (j % 32) * 2;    // W[j, k] at w[(k/2)·64 + k%2]
-        auto weight = [&](int64_t k) { return bf16_to_f32(w[(k / 2) * 64 + k % 2]); };
-        float amax = 0.f;
-        for (int64_t k = 0; k < K; k++) amax = std::max(amax, std::fabs(weight(k)));
-        const float s = amax > 0.f && std::isfinite(amax) ? amax / 127.f : 1.f;
-        int8_t* panel = q + (j / 32) * K * 32 + (j % 32) * 4;
-        double e2 = 0, w2 = 0;
-        int32_t sum = 0;
-        for (int64_t k = 0; k < K; k++) {
-            const float v = weight(k);
-            const float r = std::nearbyint(v / s);
-            const int32_t qi = std::isfinite(r) ? (int32_t)std::min(127.f, std::max(-127.f, r)) : 0;
-            panel[(k / 4) * 128 + k % 4] = (int8_t)qi;
-            sum += qi;
-            const double e = (double)v - (double)s * qi;
-            e2 += e * e;
-            w2 += (double)v * v;
+    for (int64_t p = 0; p < N / 32; p++) {
+        const bf16* bp = packed + p * K * 32;
+        int8_t* qp = q + p * K * 32;
+        for (int h = 0; h < 2; h++) {               // outputs 16h .. 16h + 15, one per lane
+            __m512 amax = _mm512_setzero_ps(), even, odd;
+            for (int64_t kp = 0; kp < K / 2; kp++) {
+                bf16_pairs_to_f32(_mm512_loadu_si512(bp + kp * 64 + h * 32), even, odd);
+                amax = _mm512_max_ps(amax, _mm512_max_ps(_mm512_and_ps(even, abs_mask),
+                                                         _mm512_and_ps(odd, abs_mask)));
+            }
+            const __mmask16 usable = _mm512_cmp_ps_mask(amax, _mm512_set1_ps(0.f), _CMP_GT_OQ)
+                                     & _mm512_cmp_ps_mask(amax, _mm512_set1_ps(INFINITY), _CMP_LT_OQ);
+            const __m512 s = _mm512_mask_div_ps(_mm512_set1_ps(1.f), usable, amax,
+                                                _mm512_set1_ps(127.f));
+            const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), s);
+            __m512 e2 = _mm512_setzero_ps(), w2 = _mm512_setzero_ps();
+            __m512i sum = _mm512_setzero_si512();
+            auto quantize = [&](__m512 v) {          // → q as int32 lanes; sums updated
+                __m512 qf = _mm512_roundscale_ps(_mm512_mul_ps(v, inv), _MM_FROUND_TO_NEAREST_INT);
+                qf = _mm512_min_ps(_mm512_max_ps(qf, _mm512_set1_ps(-127.f)), _mm512_set1_ps(127.f));
+                const __m512 e = _mm512_fnmadd_ps(s, qf, v);
+                e2 = _mm512_fmadd_ps(e, e, e2);
+                w2 = _mm512_fmadd_ps(v, v, w2);
+                const __m512i qi = _mm512_cvtps_epi32(qf);
+                sum = _mm512_add_epi32(sum, qi);
+                return _mm512_and_si512(qi, _mm512_set1_epi32(0xff));
+            };
+            for (int64_t kq = 0; kq < K / 4; kq++) {  // inputs 4kq .. 4kq + 3: one int32 per lane
+                __m512 e0, o0, e1, o1;
+                bf16_pairs_to_f32(_mm512_loadu_si512(bp + (2 * kq) * 64 + h * 32), e0, o0);
+                bf16_pairs_to_f32(_mm512_loadu_si512(bp + (2 * kq + 1) * 64 + h * 32), e1, o1);
+                __m512i quad = quantize(e0);
+                quad = _mm512_or_si512(quad, _mm512_slli_epi32(quantize(o0), 8));
+                quad = _mm512_or_si512(quad, _mm512_slli_epi32(quantize(e1), 16));
+                quad = _mm512_or_si512(quad, _mm512_slli_epi32(quantize(o1), 24));
+                _mm512_storeu_si512(qp + kq * 128 + h * 64, quad);
+            }
+            const int64_t j = p * 32 + h * 16;
+            const __m512 up = _mm512_set1_ps(1.f + 1e-3f);
+            _mm512_storeu_si512(colsum + j, sum);
+            _mm512_storeu_ps(scale + j, s);
+            _mm512_storeu_ps(err_norm + j, _mm512_mul_ps(_mm512_sqrt_ps(e2), up));
+            _mm512_storeu_ps(w_norm + j, _mm512_mul_ps(_mm512_sqrt_ps(w2), up));
         }
-        colsum[j] = sum;
-        scale[j] = s;
-        // rounded up: a bound must not shrink on its way to fp32 (NaN/inf stay, and send the
-        // rows that meet them down the exact path)
-        err_norm[j] = std::nextafter((float)std::sqrt(e2), INFINITY);
-        w_norm[j] = std::nextafter((float)std::sqrt(w2), INFINITY);
     }
 }
 
