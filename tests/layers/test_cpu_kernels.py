@@ -179,7 +179,7 @@ def test_greedy_head_gives_the_argmax_of_the_logits(m, n, k):
     # (rows 0 and 1 keep every panel: all their logits are within the margin of each other)
     ordinary = x[2:] if m > 2 else x
     assert torch.equal(head(ordinary), reference(ordinary))
-    assert head.panels_computed < 0.1 * len(ordinary) * n / 32
+    assert head.panels_computed < 0.2 * len(ordinary) * n / 32
 
 
 @needs_greedy_head

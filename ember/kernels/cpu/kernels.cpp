@@ -440,11 +440,11 @@ extern "C" void ember_argmax(int dtype, const void* x, int64_t ld, int64_t rows,
 //    has few, a batch's union more) are left out of p and added exactly (bf16 dot products on W's
 //    packed bf16 panel, lines scattered over it), so r covers the ordinary dimensions only.
 // 2. Keep every 32-output panel holding an output whose upper bound reaches the largest lower
-//    bound lb, less a margin γ. Each bound also carries 1e-4·‖x‖·‖W_j‖, more than the rounding
-//    of the fp32 sums (the exact path's, ≤ K·2⁻²⁴·‖x‖·‖W_j‖, and the estimate's own), so the
-//    exact path's fp32 logits lie within the bounds too. An output outside the kept panels then
-//    has an fp32 logit below lb − γ, and the output with the largest lower bound one at or above
-//    lb. γ = (max(|lb|, |ub|) + 1)/32 exceeds two bf16 ulps (≤ |v|·2⁻⁷ each) at either value, so
+//    bound lb, less a margin γ. Each bound also carries (K + 64)·2⁻²²·‖x‖·‖W_j‖ (at least
+//    1e-4·‖x‖·‖W_j‖), 4× the rounding of the fp32 sums (the exact path's, ≤ K·2⁻²⁴·‖x‖·‖W_j‖ for
+//    K terms, and the estimate's own, a few dozen roundings), so the exact path's fp32 logits lie
+//    within the bounds too. An output outside the kept panels then has an fp32 logit below
+//    lb − γ, and the output with the largest lower bound one at or above lb. γ = (max(|lb|, |ub|) + 1)/32 exceeds two bf16 ulps (≤ |v|·2⁻⁷ each) at either value, so
 //    the two round to different bf16 values: the one outside can neither win nor tie.
 // 3. Recompute the kept panels with gemm_tile, the very loop linear_bf16 runs, so their bf16
 //    logits are bit for bit those of the full product, and take the first largest.
@@ -460,7 +460,7 @@ constexpr int SCREEN_R = 8;     // rows per screen tile; 10 was slower at batch 
 // outputs at a time: q [N/32][K/4][32][4] int8 (four inputs of 32 outputs side by side, what one
 // VNNI dot product reads), colsum_j = Σ_k q_jk, scale s_j, err_norm ≥ ‖W_j − s_j·q_j‖ and
 // w_norm ≥ ‖W_j‖. The norms are fp32 sums of squares, at most K·2⁻²⁴ relative off, then raised
-// by 1e-3 relative so that they bound. NaN or inf weights give NaN or inf norms: the rows that
+// by K·2⁻²² (at least 1e-3) relative so that they bound. NaN or inf weights give NaN or inf norms: the rows that
 // meet them take the exact path.
 static inline void bf16_pairs_to_f32(__m512i v, __m512& even, __m512& odd) {
     even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
@@ -510,7 +510,7 @@ static void greedy_head_prepare_impl(const bf16* packed, int64_t N, int64_t K, i
                 _mm512_storeu_si512(qp + kq * 128 + h * 64, quad);
             }
             const int64_t j = p * 32 + h * 16;
-            const __m512 up = _mm512_set1_ps(1.f + 1e-3f);
+            const __m512 up = _mm512_set1_ps(1.f + std::max(1e-3f, std::ldexp((float)K, -22)));
             _mm512_storeu_si512(colsum + j, sum);
             _mm512_storeu_ps(scale + j, s);
             _mm512_storeu_ps(err_norm + j, _mm512_mul_ps(_mm512_sqrt_ps(e2), up));
@@ -522,7 +522,7 @@ static void greedy_head_prepare_impl(const bf16* packed, int64_t N, int64_t K, i
 struct ScreenRow {          // one row of x, as the screen reads it
     float t;                // the int8 scale of the ordinary dimensions
     float tp_norm;          // ≥ ‖t·p‖
-    float r_norm;           // ≥ ‖r‖, plus the slack for the fp32 arithmetic (1e-4·‖x‖)
+    float r_norm;           // ≥ ‖r‖, plus the slack for the fp32 arithmetic (see above)
     bool exact;             // non-finite input: every panel, exactly
 };
 
@@ -646,6 +646,7 @@ static void greedy_head_impl(const bf16* x, int64_t ldx, int64_t M, const bf16* 
     for (int p : pairs) is_outlier[2 * p] = is_outlier[2 * p + 1] = 1;
 
     // the rows, quantized: u = p + 128
+    const double slack = std::max(1e-4, std::ldexp(double(K + 64), -22));
     std::vector<uint8_t> u(M * K);
     std::vector<ScreenRow> rows(M);
     for (int64_t m = 0; m < M; m++) {
@@ -672,7 +673,7 @@ static void greedy_head_impl(const bf16* x, int64_t ldx, int64_t M, const bf16* 
             u[m * K + k] = (uint8_t)(p + 128);
         }
         rows[m] = {t, std::nextafter((float)std::sqrt(tp2), INFINITY),
-                   std::nextafter((float)(std::sqrt(r2) + 1e-4 * std::sqrt(x2)), INFINITY),
+                   std::nextafter((float)(std::sqrt(r2) + slack * std::sqrt(x2)), INFINITY),
                    !finite};
     }
 
