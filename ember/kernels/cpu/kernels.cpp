@@ -444,8 +444,9 @@ extern "C" void ember_argmax(int dtype, const void* x, int64_t ld, int64_t rows,
 //    1e-4·‖x‖·‖W_j‖), 4× the rounding of the fp32 sums (the exact path's, ≤ K·2⁻²⁴·‖x‖·‖W_j‖ for
 //    K terms, and the estimate's own, a few dozen roundings), so the exact path's fp32 logits lie
 //    within the bounds too. An output outside the kept panels then has an fp32 logit below
-//    lb − γ, and the output with the largest lower bound one at or above lb. γ = (max(|lb|, |ub|) + 1)/32 exceeds two bf16 ulps (≤ |v|·2⁻⁷ each) at either value, so
-//    the two round to different bf16 values: the one outside can neither win nor tie.
+//    lb − γ, and the output with the largest lower bound one at or above lb.
+//    γ = (max(|lb|, |ub|) + 1)/32 exceeds two bf16 ulps (≤ |v|·2⁻⁷ each) at either value, so the
+//    two round to different bf16 values: the one outside can neither win nor tie.
 // 3. Recompute the kept panels with gemm_tile, the very loop linear_bf16 runs, so their bf16
 //    logits are bit for bit those of the full product, and take the first largest.
 // A row with a non-finite value (or non-finite bounds) computes every panel, as the full path.
@@ -460,8 +461,8 @@ constexpr int SCREEN_R = 8;     // rows per screen tile; 10 was slower at batch 
 // outputs at a time: q [N/32][K/4][32][4] int8 (four inputs of 32 outputs side by side, what one
 // VNNI dot product reads), colsum_j = Σ_k q_jk, scale s_j, err_norm ≥ ‖W_j − s_j·q_j‖ and
 // w_norm ≥ ‖W_j‖. The norms are fp32 sums of squares, at most K·2⁻²⁴ relative off, then raised
-// by K·2⁻²² (at least 1e-3) relative so that they bound. NaN or inf weights give NaN or inf norms: the rows that
-// meet them take the exact path.
+// by K·2⁻²² (at least 1e-3) relative so that they bound. NaN or inf weights give NaN or inf
+// norms: the rows that meet them take the exact path.
 static inline void bf16_pairs_to_f32(__m512i v, __m512& even, __m512& odd) {
     even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
     odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000)));
