@@ -9,6 +9,8 @@ import logging
 import re
 import sys
 
+from ember import startup_gc
+
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1 << 10, "m": 1e6, "mb": 1e6,
           "mib": 1 << 20, "g": 1e9, "gb": 1e9, "gib": 1 << 30}
 
@@ -107,6 +109,7 @@ def _load_engine(model: str | None, **options):
     from ember.engine.async_engine import AsyncLLMEngine
     engine = AsyncLLMEngine.from_options(model, **options)
     print(engine.engine.summary, file=sys.stderr, flush=True)
+    startup_gc.started()
     return engine
 
 
@@ -130,6 +133,7 @@ def cmd_serve(args) -> int:
         print(f"ember: EMBER_FAULT_INJECT is set: faults will be injected at steps "
               f"{sorted(faults.plan.items())} (test only)", file=sys.stderr, flush=True)
     async_engine = AsyncLLMEngine(engine, faults)
+    startup_gc.started()
     try:
         return serve(async_engine, args)
     finally:
@@ -195,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "warning").upper(),
                         format="%(levelname)s %(name)s: %(message)s")
-    return {"serve": cmd_serve, "generate": cmd_generate, "chat": cmd_chat}[args.command](args)
+    command = {"serve": cmd_serve, "generate": cmd_generate, "chat": cmd_chat}[args.command]
+    with startup_gc.paused():    # until the command calls startup_gc.started()
+        return command(args)
 
 
 if __name__ == "__main__":

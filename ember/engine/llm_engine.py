@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ember import platforms
+from ember import platforms, startup_gc
 from ember.attention import get_backend
 from ember.config import CacheConfig, EngineConfig, SchedulerConfig
 from ember.core.kv_cache_manager import KVCacheManager
@@ -52,6 +52,7 @@ def _check_quantization(quantization: str | None, device: torch.device, dtype: t
 
 
 class LLMEngine:
+    @startup_gc.paused()
     def __init__(self, model: str | None = None, *, dtype: str | torch.dtype | None = "auto",
                  device: str | torch.device | None = None, max_model_len: int | None = None,
                  max_num_seqs: int = 128, max_num_batched_tokens: int | None = None,
