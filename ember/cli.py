@@ -115,29 +115,31 @@ def _load_engine(model: str | None, **options):
 
 def cmd_serve(args) -> int:
     from ember.config import env_str
-    from ember.engine.async_engine import AsyncLLMEngine, FaultInjector
-    from ember.engine.llm_engine import LLMEngine
-    from ember.server.api_server import serve
+    from ember.engine.interface import FaultInjector
+    from ember.engine.process import EngineProcess
     if args.max_waiting is not None and args.max_waiting < 1:
         raise SystemExit("--max-waiting must be at least 1")
     if args.max_engine_restarts < 0:
         raise SystemExit("--max-engine-restarts must be at least 0")
     args.api_key = args.api_key or env_str("EMBER_API_KEY") or None
     try:
-        faults = FaultInjector.from_env()    # test-only; None unless EMBER_FAULT_INJECT is set
+        FaultInjector.from_env()    # test-only; checked here, injected by the engine process
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    engine = LLMEngine(args.model, **_engine_options(args))
+    # The engine process forks now and loads while this one imports the HTTP stack.
+    engine_process = EngineProcess(args.model, _engine_options(args))
+    try:
+        from ember.server.api_server import serve
+        engine = engine_process.connect()
+    except BaseException:
+        engine_process.kill()
+        raise
     print(engine.summary, flush=True)
-    if faults is not None:
-        print(f"ember: EMBER_FAULT_INJECT is set: faults will be injected at steps "
-              f"{sorted(faults.plan.items())} (test only)", file=sys.stderr, flush=True)
-    async_engine = AsyncLLMEngine(engine, faults)
     startup_gc.started()
     try:
-        return serve(async_engine, args)
+        return serve(engine, args)
     finally:
-        async_engine.shutdown()
+        engine.shutdown()
 
 
 def cmd_generate(args) -> int:

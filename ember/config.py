@@ -4,9 +4,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:   # annotations only: the HTTP front end imports this module without torch
+    import torch
 
 
 def env_str(name: str, default: str | None = None) -> str | None:

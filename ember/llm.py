@@ -20,6 +20,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, **engine_options: Any) -> None:
         self.engine = LLMEngine(model, **engine_options)
+        self.engine.tokenizer            # one that cannot load fails here, not at the first prompt
         print(self.engine.summary, flush=True)
 
     def get_tokenizer(self):

@@ -12,7 +12,7 @@ Failures: a step that raises fails the requests in that batch and the loop goes 
 itself dies (anything that escapes the loop), every request in flight gets an EngineError, new
 work is refused (EngineStopped), `failed` turns true, and `restart()` brings the engine back with
 fresh scheduler/KV state and the same weights; the server decides whether to (ember/server/
-supervisor.py). ember has no worker processes: "the worker died" means this thread died.
+supervisor.py). Under `ember serve` this runs in the engine process (ember/engine/process.py).
 
 Fault injection, for tests only: EMBER_FAULT_INJECT="step_raise:N,engine_die:M" makes the N-th
 scheduled step raise mid-step (after scheduling, before the model runs), and kills the engine
@@ -25,79 +25,17 @@ import logging
 import sys
 import threading
 import dataclasses
-from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
 from ember import platforms
-from ember.config import env_str
-from ember.engine.llm_engine import EngineStats, LLMEngine
+from ember.engine.interface import (EngineError, EngineSnapshot, EngineStopped,  # noqa: F401
+                                    EngineThreadKilled, FaultInjector, InjectedFault)
+from ember.engine.llm_engine import LLMEngine
 from ember.outputs import RequestOutput
 from ember.sampling_params import SamplingParams
 
 log = logging.getLogger("ember")
 _DEFAULT_SWITCH_INTERVAL = 0.005      # Python's own
-
-
-class EngineError(RuntimeError):
-    """The engine failed while serving a request (the request is gone; others may go on)."""
-
-
-class EngineStopped(EngineError):
-    """The engine is shutting down or is unhealthy and takes no new work."""
-
-
-class InjectedFault(RuntimeError):
-    """Raised by the test-only fault injector in place of a real step failure."""
-
-
-class EngineThreadKilled(BaseException):
-    """Test-only: escapes every `except Exception` and ends the engine thread, like a crash."""
-
-
-class FaultInjector:
-    """Parses EMBER_FAULT_INJECT ("step_raise:3,engine_die:10"); called by LLMEngine.step."""
-    KINDS = {"step_raise": InjectedFault, "engine_die": EngineThreadKilled}
-
-    def __init__(self, spec: str) -> None:
-        self.plan: dict[int, str] = {}
-        for item in filter(None, (part.strip() for part in spec.split(","))):
-            kind, _, step = item.partition(":")
-            if kind not in self.KINDS or not step.isdigit() or int(step) < 1:
-                raise ValueError(f"EMBER_FAULT_INJECT: expected kind:step with kind in "
-                                 f"{sorted(self.KINDS)} and step >= 1, got {item!r}")
-            self.plan[int(step)] = kind
-        self.steps = 0
-        self.injected: list[tuple[int, str]] = []
-
-    @classmethod
-    def from_env(cls) -> "FaultInjector | None":
-        spec = env_str("EMBER_FAULT_INJECT")
-        return cls(spec) if spec else None
-
-    def __call__(self) -> None:
-        self.steps += 1
-        kind = self.plan.pop(self.steps, None)
-        if kind is not None:
-            self.injected.append((self.steps, kind))
-            log.warning("EMBER_FAULT_INJECT: injecting %s at step %d", kind, self.steps)
-            raise self.KINDS[kind](f"injected fault {kind} at step {self.steps}")
-
-
-@dataclass(frozen=True)
-class EngineSnapshot:
-    """Engine state for /metrics and admission control, published by the engine thread."""
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    prefix_cache_hits: int = 0        # tokens
-    prefix_cache_queries: int = 0     # tokens
-    step_errors: int = 0
-    restarts: int = 0
-    tracked_requests: int = 0         # request states the engine holds (0 when idle)
-    kv_blocks_total: int = 0
-    kv_blocks_free: int = 0
-    kv_blocks_cached: int = 0         # cached by the prefix cache, unreferenced (evictable)
-    stats: EngineStats = field(default_factory=EngineStats)   # a copy of the engine's counters
 
 
 class _Stream:
@@ -146,9 +84,25 @@ class AsyncLLMEngine:
         return not self._closed and not self._stopping and (
             self.error is not None or not self._thread.is_alive())
 
+    # What the server reads of the engine (ember/engine/process.py's EngineClient has the same).
     @property
     def max_model_len(self) -> int:
         return self.engine.config.scheduler.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.config.model_config.vocab_size
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.source.name
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def tokenize_prompt(self, prompt) -> tuple[str | None, list[int]]:
+        return self.engine.tokenize_prompt(prompt)
 
     def num_waiting(self) -> int:
         """Sequences waiting to be scheduled, including those posted since the last step."""

@@ -5,7 +5,6 @@ import itertools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 
@@ -15,6 +14,7 @@ from ember.config import CacheConfig, EngineConfig, SchedulerConfig
 from ember.core.kv_cache_manager import KVCacheManager
 from ember.core.request import Request, RequestStatus
 from ember.core.scheduler import Scheduler
+from ember.engine.interface import EngineStats, tokenize_prompt, validate_prompt
 from ember.engine.output_processor import RequestState, SequenceState
 from ember.models import prepared_cache
 from ember.models.loader import build_model, load_checkpoint, resolve_model
@@ -24,17 +24,6 @@ from ember.sampling_params import SamplingParams
 from ember.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("ember")
-
-
-@dataclass
-class EngineStats:
-    """Counters the server exports; updated by the engine thread only."""
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    cached_prompt_tokens: int = 0
-    finished_requests: int = 0
-    preemptions: int = 0
-    prompt_tokens_computed: int = 0     # prompt tokens that went through the model (not reused)
 
 
 _BACKGROUND = ThreadPoolExecutor(1, thread_name_prefix="ember-load")
@@ -66,8 +55,16 @@ class LLMEngine:
         _check_quantization(quantization, device, dtype)
         self.source = resolve_model(model)
         model_cfg, weights, total = load_checkpoint(self.source)
-        # the tokenizer (importing transformers takes a second) loads while the weights do
-        tokenizer_loading = _BACKGROUND.submit(Tokenizer.load, self.source, model_cfg.eos_token_ids)
+        # The tokenizer loads in a background thread, waited for when a request first needs it.
+        # Built by transformers (first start) it takes seconds: that starts now, alongside the
+        # weights. Read from ember's cache it takes 0.1-0.2 s holding the GIL, which would stall
+        # the build as long: that starts at `preload_tokenizer()`, which the engine process
+        # (ember/engine/process.py) calls once it has said it is ready, or at the first use.
+        self._tokenizer: Tokenizer | None = None
+        self._tokenizer_loading = None
+        self._tokenizer_eos = model_cfg.eos_token_ids
+        if not Tokenizer.is_cached(self.source):
+            self.preload_tokenizer()
         max_len = max_model_len or model_cfg.max_position_embeddings
         backend = get_backend(attention_backend, device=device, num_heads=model_cfg.num_heads,
                               num_kv_heads=model_cfg.num_kv_heads, head_dim=model_cfg.head_dim,
@@ -85,7 +82,6 @@ class LLMEngine:
                                  desc=f"loading {self.source.name}", quantization=quantization,
                                  prepared=prepared_cache.slot_for(self.source, device, dtype,
                                                                   quantization))
-        self.tokenizer = tokenizer_loading.result()
         num_blocks = self._num_blocks(cfg)
         if num_blocks * block_size < max_len:
             log.warning("KV cache holds %d tokens < max_model_len %d: capping max_model_len",
@@ -107,6 +103,18 @@ class LLMEngine:
                         f"KV cache {num_blocks * block_size:,} tokens, "
                         f"max_model_len {cfg.scheduler.max_model_len}, "
                         f"loaded in {self.load_time:.1f} s")
+
+    def preload_tokenizer(self) -> None:
+        if self._tokenizer_loading is None:
+            self._tokenizer_loading = _BACKGROUND.submit(Tokenizer.load, self.source,
+                                                         self._tokenizer_eos)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self.preload_tokenizer()
+            self._tokenizer = self._tokenizer_loading.result()
+        return self._tokenizer
 
     def _new_request_state(self, num_blocks: int) -> None:
         prefix_cache = None
@@ -159,32 +167,10 @@ class LLMEngine:
     # ---- requests in ----------------------------------------------------------------------
 
     def tokenize_prompt(self, prompt) -> tuple[str | None, list[int]]:
-        """A prompt is text, a list of token ids, or {"prompt": ...} / {"prompt_token_ids": ...}."""
-        if isinstance(prompt, dict):
-            unknown = set(prompt) - {"prompt", "prompt_token_ids"}
-            if unknown:
-                raise ValueError(f"unknown prompt field(s): {', '.join(sorted(unknown))}")
-            prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, (list, tuple)) and all(
-                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            vocab = self.config.model_config.vocab_size
-            bad = [t for t in prompt if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
-            return None, list(prompt)
-        raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        return tokenize_prompt(self.tokenizer, self.config.model_config.vocab_size, prompt)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        limit = self.config.scheduler.max_model_len
-        if len(prompt_ids) >= limit:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens but the model's context "
-                             f"(max_model_len) is {limit}: no room to generate")
+        validate_prompt(prompt_ids, params, self.config.scheduler.max_model_len)
 
     def add_request(self, prompt, params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:

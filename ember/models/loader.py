@@ -8,7 +8,6 @@ import contextlib
 import glob
 import json
 import os
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -18,44 +17,7 @@ from tqdm import tqdm
 from ember.config import ModelConfig
 from ember.models import prepared_cache
 from ember.models.registry import model_class
-
-
-@dataclass
-class ModelSource:
-    kind: str                 # "hf" or "gguf"
-    path: str                 # folder (hf) or file (gguf)
-    name: str                 # what the user called it
-
-
-def resolve_model(model: str | None) -> ModelSource:
-    if model is None:        # gguf_loader imports `gguf`: only where a GGUF is involved
-        from ember.models.gguf_loader import default_gguf_path
-        return ModelSource("gguf", default_gguf_path(), "SmolLM2-135M-Instruct")
-    path = os.path.expanduser(model)
-    if os.path.isfile(path):
-        if not path.endswith(".gguf"):
-            raise ValueError(f"{path}: not a .gguf file nor a model folder with config.json")
-        return ModelSource("gguf", path, model)
-    if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, "config.json")):
-            return ModelSource("hf", path, model)
-        ggufs = sorted(glob.glob(os.path.join(path, "*.gguf")))
-        if len(ggufs) == 1:
-            return ModelSource("gguf", ggufs[0], model)
-        raise FileNotFoundError(f"{path}: no config.json (and not exactly one .gguf file) in folder")
-    if model.count("/") == 1 and not model.startswith((".", "/")) and ".." not in model:
-        return ModelSource("hf", _from_hf_cache(model), model)
-    raise FileNotFoundError(f"model {model!r}: no such file or folder")
-
-
-def _from_hf_cache(repo_id: str) -> str:
-    from huggingface_hub import snapshot_download
-    try:
-        return snapshot_download(repo_id, local_files_only=True)
-    except Exception as e:
-        raise FileNotFoundError(
-            f"model {repo_id!r} is not a local path and is not in the Hugging Face cache "
-            f"(ember never downloads at run time): {e}") from None
+from ember.models.source import ModelSource, resolve_model  # noqa: F401  (re-exported)
 
 
 def read_hf_config(folder: str) -> dict:

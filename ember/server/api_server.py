@@ -15,9 +15,12 @@ import hmac
 import json
 import logging
 import re
+import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -25,7 +28,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ember.engine.async_engine import AsyncLLMEngine, EngineStopped
+from ember.engine.interface import EngineStopped
 from ember.server.metrics import CONTENT_TYPE, ServerMetrics
 from ember.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                    TokenizeRequest, describe_validation_error)
@@ -33,6 +36,9 @@ from ember.server.serving_chat import ChatServing, render_messages
 from ember.server.serving_common import APIError, ServingContext
 from ember.server.serving_completions import CompletionServing
 from ember.server.supervisor import EngineSupervisor
+
+if TYPE_CHECKING:   # an EngineClient (ember/engine/process.py) serves the same calls
+    from ember.engine.async_engine import AsyncLLMEngine
 
 log = logging.getLogger("ember.server")
 STATIC = Path(__file__).parent / "static"
@@ -202,7 +208,7 @@ def inspect_engine(eng) -> dict:
 
 def build_app(engine: AsyncLLMEngine, args=None) -> FastAPI:
     """args: any object with the `ember serve` options (argparse.Namespace); None = defaults."""
-    names = [_opt(args, "served_model_name") or engine.engine.source.name]
+    names = [_opt(args, "served_model_name") or engine.model_name]
     metrics = ServerMetrics(engine, names[0])
     ctx = ServingContext(engine, metrics, names, _opt(args, "max_waiting"))
     completions, chat = CompletionServing(ctx), ChatServing(ctx)
@@ -225,7 +231,7 @@ def build_app(engine: AsyncLLMEngine, args=None) -> FastAPI:
     async def models():
         return {"object": "list", "data": [
             {"id": n, "object": "model", "created": created, "owned_by": "ember",
-             "root": str(engine.engine.source.name), "max_model_len": engine.max_model_len}
+             "root": str(engine.model_name), "max_model_len": engine.max_model_len}
             for n in names]}
 
     @app.post("/v1/completions")
@@ -253,7 +259,7 @@ def build_app(engine: AsyncLLMEngine, args=None) -> FastAPI:
     async def detokenize(raw: Request):
         req = await _parse(raw, DetokenizeRequest)
         ctx.check_model(req.model)
-        vocab = engine.engine.config.model_config.vocab_size
+        vocab = engine.vocab_size
         if any(not 0 <= t < vocab for t in req.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
         return {"prompt": ctx.tokenizer.decode(req.tokens, False)}
@@ -292,10 +298,6 @@ def serve(engine: AsyncLLMEngine, args) -> int:
     responses get `shutdown_timeout` seconds to finish, then we abort them at the engine, so that
     streams end with an error event rather than by task cancellation; then the engine thread
     stops."""
-    import signal
-
-    import uvicorn
-
     grace = _opt(args, "shutdown_timeout", 5.0)
     exit_status = 0
 
@@ -308,7 +310,7 @@ def serve(engine: AsyncLLMEngine, args) -> int:
                 watch = EngineSupervisor(engine, _opt(args, "on_engine_failure", "restart"),
                                          _opt(args, "max_engine_restarts", 5), self.stop_with)
                 self.supervisor = asyncio.ensure_future(watch.run())
-                print(f"ember: serving {engine.engine.source.name} on "
+                print(f"ember: serving {engine.model_name} on "
                       f"http://{args.host}:{args.port} (ready)", flush=True)
 
         def stop_with(self, status: int) -> None:

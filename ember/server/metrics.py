@@ -7,11 +7,14 @@ serving layer, as outputs reach the HTTP handler.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from ember.engine.async_engine import AsyncLLMEngine
+if TYPE_CHECKING:   # an EngineClient (ember/engine/process.py) serves the same calls
+    from ember.engine.async_engine import AsyncLLMEngine
+
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

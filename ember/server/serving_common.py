@@ -8,16 +8,19 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, TYPE_CHECKING
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from ember.engine.async_engine import AsyncLLMEngine, EngineError, EngineStopped
+from ember.engine.interface import EngineError, EngineStopped
 from ember.outputs import RequestOutput
 from ember.sampling_params import SamplingParams
 from ember.server.metrics import RequestTimer, ServerMetrics
 from ember.server.protocol import ChatCompletionRequest, CompletionRequest
+
+if TYPE_CHECKING:   # an EngineClient (ember/engine/process.py) serves the same calls
+    from ember.engine.async_engine import AsyncLLMEngine
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
                 404: "invalid_request_error", 405: "invalid_request_error",
@@ -84,7 +87,7 @@ class ServingContext:
 
     @property
     def tokenizer(self):
-        return self.engine.engine.tokenizer
+        return self.engine.tokenizer
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}-{uuid.uuid4().hex}"
@@ -125,7 +128,7 @@ class ServingContext:
                            f"server takes at most {self.max_waiting} at once", param="n")
 
     def check_token_ids(self, sp: SamplingParams) -> None:
-        vocab = self.engine.engine.config.model_config.vocab_size
+        vocab = self.engine.vocab_size
         if any(t >= vocab for t in sp.stop_token_ids):
             raise APIError(400, f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
 

@@ -77,7 +77,7 @@ class CompletionServing:
                              "usage": final_usage([len(p.ids) for p in prompts], finals)})
 
     def _tokenize(self, prompt: str | list[int], echo: bool, skip_special: bool) -> _Prompt:
-        text, ids = self.ctx.engine.engine.tokenize_prompt(prompt)
+        text, ids = self.ctx.engine.tokenize_prompt(prompt)
         if text is None:                     # token ids: echo shows their text
             text = self.ctx.tokenizer.decode(ids, skip_special) if echo else ""
         return _Prompt(text, ids)

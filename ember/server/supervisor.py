@@ -1,7 +1,9 @@
 """What the server does when the engine dies (`--on-engine-failure`).
 
-The engine is a thread of this process (there are no worker processes). A failing step only fails
-its batch; the engine *dies* when its thread ends unexpectedly or it marks its own state broken.
+Under `ember serve` the engine runs in a process of its own (ember/engine/process.py), stepping in
+a thread there. A failing step only fails its batch; the engine *dies* when its thread ends
+unexpectedly or it marks its own state broken, or when its whole process dies (then there is
+nothing to restart, and the server exits as under `exit`).
 Its requests in flight have then already received a 5xx error and /health answers 503. The
 supervisor, an asyncio task of the server, notices within `POLL_S` and either
 
@@ -17,9 +19,11 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import Callable
+from typing import Callable, TYPE_CHECKING
 
-from ember.engine.async_engine import AsyncLLMEngine
+if TYPE_CHECKING:   # an EngineClient (ember/engine/process.py) serves the same calls
+    from ember.engine.async_engine import AsyncLLMEngine
+
 
 log = logging.getLogger("ember.server")
 

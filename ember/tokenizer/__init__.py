@@ -18,7 +18,7 @@ import threading
 from typing import Any, Callable
 
 from ember import disk_cache
-from ember.models.loader import ModelSource
+from ember.models.source import ModelSource
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".msgpack", ".h5")
 
@@ -52,6 +52,12 @@ class Tokenizer:
         self.eos_token_ids = frozenset({*extra_eos, *([] if eos_token_id is None else [eos_token_id])})
         self.vocab_size = vocab_size
         self.has_chat_template = has_chat_template
+
+    @staticmethod
+    def is_cached(source: ModelSource) -> bool:
+        """Whether `load` reads the fast tokenizer from ember's cache (rather than building it
+        with transformers, which takes seconds)."""
+        return os.path.isdir(_cache_slot(source)[0])
 
     @classmethod
     def load(cls, source: ModelSource, extra_eos: tuple[int, ...] = ()) -> "Tokenizer":

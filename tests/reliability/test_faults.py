@@ -171,3 +171,29 @@ def test_engine_death_with_exit_policy_exits_nonzero():
     assert "exiting with status 3" in srv.log()
     assert_no_leftovers(srv, children)
     print(f"\nfaults injected: {FAULTS_INJECTED}")
+
+
+def test_engine_process_killed_fails_in_flight_and_exits():
+    """The engine runs in its own process (ember/engine/process.py). If that process is killed,
+    the requests in flight end with a 5xx, and the server, which has no engine left to restart
+    even under --on-engine-failure restart, exits with EXIT_ENGINE_FAILED, leaving no process."""
+    srv = start_server("--on-engine-failure", "restart", "--max-model-len", "256")
+    try:
+        children = descendants(srv.proc.pid)
+        assert len(children) == 1, children            # the engine process
+        watch = HealthWatch(srv)
+        clients = [Client(srv, True, max_tokens=200), Client(srv, False, max_tokens=200)]
+        deadline = time.monotonic() + 60
+        while srv.metrics()["ember:num_requests_running"] < 2:
+            assert time.monotonic() < deadline, "the requests never ran"
+            time.sleep(0.05)
+        children[0].kill()
+        _assert_failed_with_5xx(clients, "the engine process died")
+        rc = srv.proc.wait(30)
+        seen = watch.stop()
+    finally:
+        srv.stop(signal.SIGKILL)
+    assert rc == EXIT_ENGINE_FAILED, srv.log()[-3000:]
+    assert seen[0] == 200 and 200 not in seen[1:] and seen[-1] == "down", seen
+    assert "could not be restarted" in srv.log()
+    assert_no_leftovers(srv, children)
