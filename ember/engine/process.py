@@ -30,6 +30,7 @@ every request in flight fails with EngineError, `failed` turns true, and `restar
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import multiprocessing
 import pickle
@@ -98,11 +99,13 @@ def _engine_main(conn, front_end_conn, model: str | None, options: dict) -> None
               f"{sorted(faults.plan.items())} (test only)", file=sys.stderr, flush=True)
     eng = engine.engine
     startup_gc.started()
-    conn.send([("ready", EngineInfo(eng.source.name, engine.max_model_len, engine.vocab_size,
-                                    eng.summary))])
-    eng.preload_tokenizer()                  # while the front end starts serving
     try:
+        conn.send([("ready", EngineInfo(eng.source.name, engine.max_model_len, engine.vocab_size,
+                                        eng.summary))])
+        eng.preload_tokenizer()              # while the front end starts serving
         asyncio.run(_EngineServer(conn, engine).run())
+    except OSError:                          # the front end left while we loaded
+        pass
     finally:
         engine.shutdown()
 
@@ -274,7 +277,7 @@ class EngineClient:
         self._calls: dict[int, _Call] = {}
         self._restarts: dict[int, Future] = {}
         self._unacked: dict[int, int] = {}          # call id → sequences posted, not yet queued
-        self._next_id = 0
+        self._ids = itertools.count(1)              # next() is atomic: callers on two threads
         self._state = EngineState()
         self._closing = False
         self._dead: BaseException | None = None     # the engine process is gone
@@ -401,8 +404,7 @@ class EngineClient:
 
     # -- the pipe --
     def _new_id(self) -> int:
-        self._next_id += 1
-        return self._next_id
+        return next(self._ids)
 
     def _open_call(self) -> tuple[int, _Call]:
         call_id = self._new_id()
