@@ -233,9 +233,11 @@ class AsyncLLMEngine:
                             "the engine is shutting down")))
                         break
                 applied = self._apply(commands)
-                if self.engine.has_unfinished_requests():
-                    self._step()
-                self._publish(applied)
+                results = self._step() if self.engine.has_unfinished_requests() else []
+                try:
+                    self._publish(applied)   # first, so that whoever gets a result sees its state
+                finally:
+                    self._deliver(results)
         except BaseException as e:  # noqa: BLE001 — a dead loop must not hang its callers
             log.error("the engine thread died", exc_info=e)
             died = self.error = e
@@ -277,14 +279,15 @@ class AsyncLLMEngine:
         self._deliver(failed)
         return added
 
-    def _step(self) -> None:
+    def _step(self) -> list[tuple[_Stream, object]]:
+        """One engine step; returns what to deliver to whom."""
         try:
             outputs = self.engine.step()
         except Exception as e:  # noqa: BLE001 — fail the batch, keep serving the next one
             log.exception("engine step failed; failing %d in-flight request(s)", len(self._owners))
             self._step_errors += 1
-            self._fail_all(EngineError(f"the engine failed while running this request: {e!r}"))
-            return
+            return self._fail_all_results(
+                EngineError(f"the engine failed while running this request: {e!r}"))
         items = []
         for out in outputs:
             stream = self._owners.get(out.request_id)
@@ -293,9 +296,12 @@ class AsyncLLMEngine:
             if out.finished:
                 del self._owners[out.request_id]
             items.append((stream, out))
-        self._deliver(items)
+        return items
 
     def _fail_all(self, error: BaseException) -> None:
+        self._deliver(self._fail_all_results(error))
+
+    def _fail_all_results(self, error: BaseException) -> list[tuple[_Stream, object]]:
         owners, self._owners = self._owners, {}
         for rid in owners:
             try:
@@ -303,7 +309,7 @@ class AsyncLLMEngine:
             except Exception as e:  # noqa: BLE001 — state is broken: stop taking work
                 log.exception("abort after a failed step failed; marking the engine unhealthy")
                 self.error = e
-        self._deliver([(stream, error) for stream in owners.values()])
+        return [(stream, error) for stream in owners.values()]
 
     def _deliver(self, items: list[tuple[_Stream, object]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
