@@ -25,7 +25,7 @@ import logging
 import sys
 import threading
 import dataclasses
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
 from ember import platforms
 from ember.engine.interface import (EngineError, EngineSnapshot, EngineStopped,  # noqa: F401
@@ -39,11 +39,13 @@ _DEFAULT_SWITCH_INTERVAL = 0.005      # Python's own
 
 
 class _Stream:
-    """Where the outputs of one caller's requests go (several requests may share one)."""
+    """Where the outputs of one caller's requests go (several requests may share one): a queue on
+    the caller's event loop, or a `sink` the engine thread calls itself (see `open_stream`)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, request_ids: Sequence[str]) -> None:
-        self.loop = loop
-        self.queue: asyncio.Queue = asyncio.Queue()
+    def __init__(self, loop: asyncio.AbstractEventLoop | None, request_ids: Sequence[str],
+                 sink: Callable[[list], None] | None = None, tag=None) -> None:
+        self.loop, self.sink, self.tag = loop, sink, tag
+        self.queue: asyncio.Queue | None = asyncio.Queue() if sink is None else None
         self.unfinished = set(request_ids)
 
 
@@ -123,14 +125,27 @@ class AsyncLLMEngine:
         iterator of cumulative RequestOutputs of all the requests, interleaved, that ends when
         all have finished; leaving it early (break, cancellation) aborts the unfinished ones.
         """
+        stream = self._open(requests, asyncio.get_running_loop())
+        return self._iterate(stream)
+
+    def open_stream(self, requests: Sequence[tuple[str, object, SamplingParams]],
+                    sink: Callable[[list], None], tag=None) -> _Stream:
+        """add_requests for a caller without an event loop (the engine process's pipe): the same
+        checks, then `sink(list of (stream, item))` is called with the outputs, on the engine
+        thread, with no event loop in between. An item is a cumulative RequestOutput or the
+        exception that ended the stream; the sink keeps `stream.unfinished` (abort those to
+        leave early)."""
+        return self._open(requests, None, sink, tag)
+
+    def _open(self, requests, loop, sink=None, tag=None) -> _Stream:
         prepared = [(rid, self.prepare(prompt, sp), sp) for rid, prompt, sp in requests]
         if not self.healthy:
             raise EngineStopped("the engine is not serving: "
                                 + ("shutting down" if self._stopping else repr(self.error)))
-        stream = _Stream(asyncio.get_running_loop(), [rid for rid, _, _ in prepared])
+        stream = _Stream(loop, [rid for rid, _, _ in prepared], sink, tag)
         self._post([("add", rid, ids, sp, stream) for rid, ids, sp in prepared],
                    waiting=sum(sp.n for _, _, sp in prepared))
-        return self._iterate(stream)
+        return stream
 
     async def generate(self, prompt, params: SamplingParams, request_id: str
                        ) -> AsyncIterator[RequestOutput]:
@@ -313,8 +328,14 @@ class AsyncLLMEngine:
 
     def _deliver(self, items: list[tuple[_Stream, object]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        by_sink: dict[Callable, list] = {}
         for stream, item in items:
-            by_loop.setdefault(stream.loop, []).append((stream.queue, item))
+            if stream.sink is not None:
+                by_sink.setdefault(stream.sink, []).append((stream, item))
+            else:
+                by_loop.setdefault(stream.loop, []).append((stream.queue, item))
+        for sink, batch in by_sink.items():
+            sink(batch)
         for loop, batch in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_put_all, batch)
@@ -332,7 +353,7 @@ class AsyncLLMEngine:
             step_errors=self._step_errors, restarts=self._restarts,
             tracked_requests=len(eng.states), kv_blocks_total=eng.kv.num_blocks,
             kv_blocks_free=eng.kv.pool.num_free, kv_blocks_cached=pc.num_evictable if pc else 0,
-            stats=dataclasses.replace(eng.stats))
+            stats=dataclasses.replace(eng.stats), version=self.snapshot.version + 1)
         with self._cv:
             self.snapshot = snap
             self._pending_waiting -= applied_waiting

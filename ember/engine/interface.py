@@ -84,6 +84,7 @@ class EngineSnapshot:
     kv_blocks_free: int = 0
     kv_blocks_cached: int = 0         # cached by the prefix cache, unreferenced (evictable)
     stats: EngineStats = field(default_factory=EngineStats)   # a copy of the engine's counters
+    version: int = 0                  # counts the publications: the latest has the highest
 
 
 def tokenize_prompt(tokenizer, vocab_size: int, prompt) -> tuple[str | None, list[int]]:

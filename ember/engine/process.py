@@ -111,14 +111,17 @@ def _engine_main(conn, front_end_conn, model: str | None, options: dict) -> None
 
 
 class _EngineServer:
-    """Runs the front end's commands on the AsyncLLMEngine; sends back outputs and state."""
+    """Runs the front end's commands on the AsyncLLMEngine. Outputs go back from the engine
+    thread itself, one message per step (`_sink`), with no event loop between the step and the
+    pipe; this process's event loop only reads commands and answers calls."""
     STATE_POLL_S = 0.1       # how soon a change without outputs (a failure, a restart) is sent
 
     def __init__(self, conn, engine) -> None:
         self.conn, self.engine = conn, engine
-        self.tasks: dict[int, asyncio.Task] = {}
-        self.outbox: list[tuple] = []
+        self.streams: dict[int, object] = {}     # call id → its stream, until it ends
+        self.send_lock = threading.RLock()       # the engine thread and the loop both send
         self.state: EngineState | None = None
+        self.closed: asyncio.Future | None = None
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -126,12 +129,10 @@ class _EngineServer:
         loop.add_reader(self.conn.fileno(), self._on_readable)
         try:
             while not self.closed.done():
-                self._send_state()
+                self._send([])                   # the state, if it changed
                 await asyncio.wait([self.closed], timeout=self.STATE_POLL_S)
         finally:
             loop.remove_reader(self.conn.fileno())
-            for task in self.tasks.values():
-                task.cancel()
 
     def _on_readable(self) -> None:
         try:
@@ -139,79 +140,85 @@ class _EngineServer:
                 for msg in self.conn.recv():
                     self._handle(msg)
         except (EOFError, OSError):          # the front end is gone
-            if not self.closed.done():
-                self.closed.set_result(None)
+            self._close()
+
+    def _close(self) -> None:
+        if self.closed is not None and not self.closed.done():
+            self.closed.set_result(None)
 
     def _handle(self, msg: tuple) -> None:
         kind = msg[0]
         if kind == "add":
-            self.tasks[msg[1]] = asyncio.ensure_future(self._serve(msg[1], msg[2]))
+            self._start(msg[1], msg[2])
         elif kind == "cancel":
-            task = self.tasks.get(msg[1])
-            if task is not None:
-                task.cancel()
+            stream = self.streams.pop(msg[1], None)
+            for rid in list(stream.unfinished) if stream is not None else ():
+                self.engine.abort(rid)
         elif kind == "abort_all":
             self.engine.abort_all(msg[1])
         elif kind == "call":
             asyncio.ensure_future(self._reply(msg[1], self.engine.call(msg[2])))
         elif kind == "restart":
             asyncio.ensure_future(self._reply(msg[1], asyncio.to_thread(self.engine.restart)))
-        elif kind == "shutdown" and not self.closed.done():
-            self.closed.set_result(None)
+        elif kind == "shutdown":
+            self._close()
 
-    async def _serve(self, call_id: int, requests: list) -> None:
+    def _start(self, call_id: int, requests: list) -> None:
+        # The engine thread may send the first outputs before "started": the front end takes
+        # those as the start too.
         try:
-            try:
-                stream = await self.engine.add_requests(
-                    [(rid, {"prompt_token_ids": ids}, sp) for rid, ids, sp in requests])
-            except Exception as e:  # noqa: BLE001 — the caller gets it
-                self._send(("error", call_id, e))
-                return
-            self._send(("started", call_id))
-            try:
-                async for out in stream:
-                    self._send(("output", call_id, out))
-                self._send(("end", call_id))
-            except Exception as e:  # noqa: BLE001 — EngineError and friends: the caller gets it
-                self._send(("error", call_id, e))
-            finally:
-                await stream.aclose()        # aborts what is unfinished (cancel, shutdown)
-        finally:
-            self.tasks.pop(call_id, None)
+            stream = self.engine.open_stream(
+                [(rid, {"prompt_token_ids": ids}, sp) for rid, ids, sp in requests],
+                self._sink, tag=call_id)
+        except Exception as e:  # noqa: BLE001 — ValueError, EngineStopped: the caller gets it
+            self._send([("error", call_id, _portable(e))])
+            return
+        self.streams[call_id] = stream
+        self._send([("started", call_id)])
+
+    def _sink(self, batch: list) -> None:
+        """The engine thread's outputs (or a stream's ending error), sent at once."""
+        msgs = []
+        for stream, item in batch:
+            call_id = stream.tag
+            if isinstance(item, BaseException):
+                msgs.append(("error", call_id, _portable(item)))
+                self.streams.pop(call_id, None)
+                continue
+            msgs.append(("output", call_id, item))
+            if item.finished:
+                stream.unfinished.discard(item.request_id)
+                if not stream.unfinished:
+                    msgs.append(("end", call_id))
+                    self.streams.pop(call_id, None)
+        self._send(msgs)
 
     async def _reply(self, call_id: int, awaitable) -> None:
         try:
-            self._send(("result", call_id, await awaitable))
-        except Exception as e:  # noqa: BLE001 — the caller gets it
-            self._send(("error", call_id, e))
+            value = await awaitable
+            pickle.dumps(value)
+            msg = ("result", call_id, value)
+        except Exception as e:  # noqa: BLE001 — the caller gets it (a value that won't pickle too)
+            msg = ("error", call_id, _portable(e))
+        self._send([msg])
 
-    def _send(self, msg: tuple) -> None:
-        if msg[0] == "error":
-            msg = (*msg[:2], _portable(msg[2]))
-        if not self.outbox:                  # one send for everything queued this loop turn
-            self.loop.call_soon(self._flush)
-        self.outbox.append(msg)
-
-    def _flush(self) -> None:
-        batch, self.outbox = self.outbox, []
+    def _send(self, msgs: list) -> None:
+        """Send msgs, and the engine's state after them if it changed. Never raises: the engine
+        thread calls this. The state is read before the lock (reading takes the engine's lock,
+        which the engine thread may hold while it sends); so two threads may send theirs out of
+        order, and the front end keeps the one of the latest snapshot."""
         state = self._state()
-        if state != self.state:
-            self.state = state
-            batch.append(("state", state))
-        self._write(batch)
-
-    def _send_state(self) -> None:
-        state = self._state()
-        if state != self.state and not self.outbox:
-            self.state = state
-            self._write([("state", state)])
-
-    def _write(self, batch: list) -> None:
-        try:
-            self.conn.send(batch)
-        except (OSError, EOFError):          # the front end is gone
-            if not self.closed.done():
-                self.closed.set_result(None)
+        with self.send_lock:
+            if state != self.state:
+                self.state = state
+                msgs = [*msgs, ("state", state)]
+            if not msgs:
+                return
+            try:
+                self.conn.send(msgs)
+            except (OSError, EOFError, ValueError):   # the front end is gone
+                with suppress(RuntimeError):          # and so is this loop
+                    self.loop.call_soon_threadsafe(self._close)
 
     def _state(self) -> EngineState:
         eng = self.engine
@@ -332,13 +339,16 @@ class EngineClient:
         if first[0] == "error":
             self._calls.pop(call_id, None)
             raise first[1]
-        return self._iterate(call_id, call)
+        return self._iterate(call_id, call, None if first[0] == "started" else first)
 
-    async def _iterate(self, call_id: int, call: _Call) -> AsyncIterator[RequestOutput]:
+    async def _iterate(self, call_id: int, call: _Call, first: tuple | None
+                       ) -> AsyncIterator[RequestOutput]:
         done = False
         try:
             while True:
-                msg = await call.queue.get()
+                msg, first = (first, None) if first is not None else (await call.queue.get(), None)
+                if msg[0] == "started":
+                    continue
                 if msg[0] == "output":
                     yield msg[1]
                 elif msg[0] == "end":
@@ -447,7 +457,8 @@ class EngineClient:
         """Apply one message; returns (call, item) when it is for a waiting caller."""
         kind = msg[0]
         if kind == "state":
-            self._state = msg[1]
+            if msg[1].snapshot.version >= self._state.snapshot.version:
+                self._state = msg[1]
             return None
         call_id = msg[1]
         if kind in ("started", "error"):
