@@ -236,7 +236,7 @@ class _Call:
 
 
 class EngineProcess:
-    """The forked engine process, from the front end's side: `start` forks at once; `connect`
+    """The engine process, from the front end's side: making one forks it at once; `connect`
     returns the EngineClient once the engine has loaded."""
 
     def __init__(self, model: str | None, options: dict) -> None:
@@ -361,15 +361,6 @@ class EngineClient:
             self._calls.pop(call_id, None)
             if not done:
                 self._post(("cancel", call_id))
-
-    async def generate(self, prompt, params: SamplingParams, request_id: str
-                       ) -> AsyncIterator[RequestOutput]:
-        stream = await self.add_requests([(request_id, prompt, params)])
-        try:
-            async for out in stream:
-                yield out
-        finally:
-            await stream.aclose()
 
     def abort_all(self, reason: str = "the server is shutting down") -> None:
         self._post(("abort_all", reason))

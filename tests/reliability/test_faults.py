@@ -166,10 +166,7 @@ def test_engine_death_with_exit_policy_exits_nonzero():
         seen = watch.stop()
     finally:
         srv.stop(signal.SIGKILL)
-    assert rc == EXIT_ENGINE_FAILED, srv.log()[-3000:]
-    assert seen[0] == 200 and 200 not in seen[1:] and seen[-1] == "down", seen
-    assert "exiting with status 3" in srv.log()
-    assert_no_leftovers(srv, children)
+    _assert_exited_for_the_engine(srv, rc, seen, children, "exiting with status 3")
     print(f"\nfaults injected: {FAULTS_INJECTED}")
 
 
@@ -193,7 +190,13 @@ def test_engine_process_killed_fails_in_flight_and_exits():
         seen = watch.stop()
     finally:
         srv.stop(signal.SIGKILL)
+    _assert_exited_for_the_engine(srv, rc, seen, children, "could not be restarted")
+
+
+def _assert_exited_for_the_engine(srv, rc: int, seen: list, children: list, said: str) -> None:
+    """Exit status 3, /health healthy until the failure and never again, the reason in the log,
+    and no process left behind."""
     assert rc == EXIT_ENGINE_FAILED, srv.log()[-3000:]
     assert seen[0] == 200 and 200 not in seen[1:] and seen[-1] == "down", seen
-    assert "could not be restarted" in srv.log()
+    assert said in srv.log()
     assert_no_leftovers(srv, children)
