@@ -346,7 +346,8 @@ class EngineClient:
         done = False
         try:
             while True:
-                msg, first = (first, None) if first is not None else (await call.queue.get(), None)
+                msg = first if first is not None else await call.queue.get()
+                first = None
                 if msg[0] == "started":
                     continue
                 if msg[0] == "output":
