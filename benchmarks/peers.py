@@ -37,6 +37,7 @@ DEFAULT_ENGINES = ("ember", "vllm", "llamacpp")
 # ember-int8: weight-only int8 (--quantization int8); llamacpp-q4: llama-server on the original
 # Q4_1 GGUF. The quantized pair is compared with each other, bf16 engines with each other.
 W1_SEED, W2_SEED = 11, 21           # distinct prompts per run: the prefix caches must not hit
+ROUND_SEED_STEP = 100                # round r adds 100·r: each round its own prompts
 LLAMACPP_EXTRA = '{"min_tokens":128,"repeat_penalty":1.0}'   # llama-server ignores ignore_eos
 
 
@@ -299,9 +300,13 @@ def first_start(engine: str, p: Paths, args) -> float:
         stop_server(proc)
 
 
-def bench_engine(engine: str, p: Paths, args) -> dict:
-    first = first_start(engine, p, args)
-    log(f"{engine}: first start served its first token after {first:.1f} s")
+def bench_engine(engine: str, p: Paths, args, round_: int = 0) -> dict:
+    """One round for one engine: (in the first round only) a first start, stopped at once; then
+    a start that serves W1 and W2. Later rounds start from warm caches, as a second start does."""
+    first = None
+    if round_ == 0:
+        first = first_start(engine, p, args)
+        log(f"{engine}: first start served its first token after {first:.1f} s")
     busy = psutil.cpu_percent(interval=2.0)   # other work on the cores skews every figure
     if busy > 15:
         log(f"WARNING: the CPUs are {busy:.0f}% busy before {engine} starts: figures are unreliable")
@@ -315,15 +320,20 @@ def bench_engine(engine: str, p: Paths, args) -> dict:
         startup = time.perf_counter() - t0
         log(f"{engine}: first token after {startup:.1f} s")
         extra = LLAMACPP_EXTRA if engine.startswith("llamacpp") else None
-        w1 = loadgen(base, f"{engine}-W1", args.w1_requests, 0, W1_SEED, extra, args.run_timeout)
-        w2 = loadgen(base, f"{engine}-W2", args.w2_requests, 1, W2_SEED, extra, args.run_timeout)
+        seed = ROUND_SEED_STEP * round_
+        w1 = loadgen(base, f"{engine}-W1", args.w1_requests, 0, W1_SEED + seed, extra,
+                     args.run_timeout)
+        w2 = loadgen(base, f"{engine}-W2", args.w2_requests, 1, W2_SEED + seed, extra,
+                     args.run_timeout)
     finally:
         rss.stop.set()
         t = time.perf_counter()
         stop_server(proc)
         rss.join(5)
         log(f"{engine}: stopped in {time.perf_counter() - t:.1f} s")
-    return {"engine": engine, "first_startup_s": round(first, 2), "startup_s": round(startup, 2),
+    return {"engine": engine, "round": round_,
+            "first_startup_s": None if first is None else round(first, 2),
+            "startup_s": round(startup, 2),
             "peak_rss_mb": round(rss.peak / 2**20),
             "cpu_busy_before_pct": busy, "w1": w1, "w2": w2, "command": cmd}
 
@@ -342,21 +352,40 @@ METRICS = [  # (label, getter, higher is better)
 ]
 
 
-def table(results: dict) -> str:
-    engines = list(results)
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def _spread(xs: list[float], fmt: str, unit: str = "") -> str:
+    """The median, and with more than one value its range: "1.47x (1.40x-1.55x)"."""
+    text = format(_median(xs), fmt) + unit
+    if len(xs) == 1:
+        return text
+    return f"{text} ({format(min(xs), fmt)}{unit}-{format(max(xs), fmt)}{unit})"
+
+
+def table(rounds: list[dict]) -> str:
+    """One row per metric: each engine's median over the rounds, then ember/peer ratios taken
+    within each round (the engines of a round ran minutes apart on the same machine) and
+    summarised as median (min-max)."""
+    engines = list(dict.fromkeys(e for r in rounds for e in r))
     # (ember engine, peer): bf16 against bf16 peers, int8 against the 4-bit llama.cpp file
     pairs = [(ours, e) for ours, peers in (("ember", ("vllm", "llamacpp")),
                                            ("ember-int8", ("llamacpp-q4",)))
-             if ours in results for e in peers if e in results]
+             if ours in engines for e in peers if e in engines]
     head = ["metric", *engines, *[f"{a}/{b}" for a, b in pairs]]
     rows = []
     for label, get, higher in METRICS:
-        vals = {e: get(results[e]) for e in engines}
         row = [label + (" (higher better)" if higher else "")]
-        row += [f"{vals[e]:,.1f}" if vals[e] is not None else "-" for e in engines]
+        for e in engines:
+            vals = [v for r in rounds if e in r and (v := get(r[e])) is not None]
+            row.append(_spread(vals, ",.1f") if vals else "-")
         for a, b in pairs:
-            ok = vals[a] is not None and vals[b]
-            row.append(f"{vals[a] / vals[b]:.2f}x" if ok else "-")
+            ratios = [get(r[a]) / get(r[b]) for r in rounds if a in r and b in r
+                      and get(r[a]) is not None and get(r[b])]
+            row.append(_spread(ratios, ".2f", "x") if ratios else "-")
         rows.append(row)
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
@@ -375,7 +404,11 @@ def main(argv=None) -> int:
     ap.add_argument("--w2-requests", type=int, default=8)
     ap.add_argument("--start-timeout", type=float, default=900, help="s to first token")
     ap.add_argument("--run-timeout", type=float, default=1800, help="s per loadgen run")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every engine this many times, in turn; the table gives medians")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if unknown := set(engines) - set(ENGINES):
         ap.error(f"unknown engines: {sorted(unknown)} (choose from {ENGINES})")
@@ -385,23 +418,31 @@ def main(argv=None) -> int:
         setup(p, engines)
     if args.setup_only:
         return 0
-    results = {}
-    for engine in engines:
-        try:
-            results[engine] = bench_engine(engine, p, args)
-        except Exception as e:  # noqa: BLE001 - report the others
-            log(f"{engine}: FAILED: {e!r} (see {p.logs})")
-    if not results:
+    rounds: list[dict] = []
+    for round_ in range(args.rounds):
+        if args.rounds > 1:
+            log(f"round {round_ + 1} of {args.rounds}")
+        results = {}
+        for engine in engines:
+            try:
+                results[engine] = bench_engine(engine, p, args, round_)
+            except Exception as e:  # noqa: BLE001 - report the others
+                log(f"{engine}: FAILED: {e!r} (see {p.logs})")
+        rounds.append(results)
+    if not any(rounds):
         return 1
     stamp, where = time.strftime("%Y-%m-%d %H:%M:%S"), machine()
     raw = p.cache / f"peers-{stamp.replace(' ', '-').replace(':', '')}.json"
     raw.write_text(json.dumps({"date": stamp, "machine": where, "w1_requests": args.w1_requests,
-                               "w2_requests": args.w2_requests, "results": results}, indent=1))
+                               "w2_requests": args.w2_requests, "rounds": rounds}, indent=1))
     print(f"\n{stamp}, {where}\nW1: {args.w1_requests} x 128 -> 128, all at once; "
-          f"W2: {args.w2_requests} x 128 -> 128, one at a time; ratios are ember / peer\n")
-    print(table(results))
+          f"W2: {args.w2_requests} x 128 -> 128, one at a time; ratios are ember / peer")
+    if args.rounds > 1:
+        print(f"{args.rounds} rounds: medians (min-max); ratios within each round")
+    print()
+    print(table(rounds))
     print(f"\nraw JSON: {raw}")
-    return 0 if len(results) == len(engines) else 1
+    return 0 if all(len(r) == len(engines) for r in rounds) else 1
 
 
 if __name__ == "__main__":
