@@ -301,12 +301,12 @@ def first_start(engine: str, p: Paths, args) -> float:
 
 
 def bench_engine(engine: str, p: Paths, args, round_: int = 0) -> dict:
-    """One round for one engine: (in the first round only) a first start, stopped at once; then
-    a start that serves W1 and W2. Later rounds start from warm caches, as a second start does."""
-    first = None
-    if round_ == 0:
-        first = first_start(engine, p, args)
-        log(f"{engine}: first start served its first token after {first:.1f} s")
+    """One round for one engine: a first start, stopped at once, then a second start that serves
+    W1 and W2. Every round makes both: this VM pages out file pages no process has mapped once
+    they are ~60 s cold (DAMON), so a start minutes after the last one reads part of its
+    libraries from disk again, and only a start right after another is a warm one."""
+    first = first_start(engine, p, args)
+    log(f"{engine}: first start served its first token after {first:.1f} s")
     busy = psutil.cpu_percent(interval=2.0)   # other work on the cores skews every figure
     if busy > 15:
         log(f"WARNING: the CPUs are {busy:.0f}% busy before {engine} starts: figures are unreliable")
@@ -331,8 +331,7 @@ def bench_engine(engine: str, p: Paths, args, round_: int = 0) -> dict:
         stop_server(proc)
         rss.join(5)
         log(f"{engine}: stopped in {time.perf_counter() - t:.1f} s")
-    return {"engine": engine, "round": round_,
-            "first_startup_s": None if first is None else round(first, 2),
+    return {"engine": engine, "round": round_, "first_startup_s": round(first, 2),
             "startup_s": round(startup, 2),
             "peak_rss_mb": round(rss.peak / 2**20),
             "cpu_busy_before_pct": busy, "w1": w1, "w2": w2, "command": cmd}
