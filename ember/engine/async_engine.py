@@ -132,8 +132,9 @@ class AsyncLLMEngine:
                     sink: Callable[[list], None], tag=None) -> _Stream:
         """add_requests for a caller without an event loop (the engine process's pipe): the same
         checks, then `sink(list of (stream, item))` is called with the outputs, on the engine
-        thread (a refusal, on the caller's), with no event loop in between. An item is a
-        cumulative RequestOutput or the exception that ended the stream; the sink keeps
+        thread (a refusal, on the caller's), with no event loop in between. An item is what
+        the engine's step gives (a cumulative RequestOutput, or a RequestDelta from an engine
+        that does not detokenize) or the exception that ended the stream; the sink keeps
         `stream.unfinished` (abort those to leave early)."""
         return self._open(requests, None, sink, tag)
 

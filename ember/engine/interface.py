@@ -87,15 +87,16 @@ class EngineSnapshot:
     version: int = 0                  # counts the publications: the latest has the highest
 
 
-def tokenize_prompt(tokenizer, vocab_size: int, prompt) -> tuple[str | None, list[int]]:
-    """A prompt is text, a list of token ids, or {"prompt": ...} / {"prompt_token_ids": ...}."""
+def tokenize_prompt(encode, vocab_size: int, prompt) -> tuple[str | None, list[int]]:
+    """A prompt is text, a list of token ids, or {"prompt": ...} / {"prompt_token_ids": ...};
+    encode(text) → ids is called for text only."""
     if isinstance(prompt, dict):
         unknown = set(prompt) - {"prompt", "prompt_token_ids"}
         if unknown:
             raise ValueError(f"unknown prompt field(s): {', '.join(sorted(unknown))}")
         prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))
     if isinstance(prompt, str):
-        return prompt, tokenizer.encode(prompt)
+        return prompt, encode(prompt)
     if isinstance(prompt, (list, tuple)) and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         bad = [t for t in prompt if not 0 <= t < vocab_size]

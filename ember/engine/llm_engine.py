@@ -18,7 +18,7 @@ from ember.engine.interface import EngineStats, tokenize_prompt, validate_prompt
 from ember.engine.output_processor import RequestState, SequenceState
 from ember.models import prepared_cache
 from ember.models.loader import build_model, load_checkpoint, resolve_model
-from ember.outputs import RequestOutput
+from ember.outputs import RequestDelta, RequestOutput, SequenceDelta
 from ember.runner.model_runner import ModelRunner, kv_bytes_per_block
 from ember.sampling_params import SamplingParams
 from ember.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -48,7 +48,11 @@ class LLMEngine:
                  block_size: int = 16, kv_cache_memory: int | float | None = None,
                  enable_prefix_caching: bool = True, scheduling_policy: str | None = None,
                  attention_backend: str = "auto", seed: int = 0,
-                 enforce_eager: bool = False, quantization: str | None = None) -> None:
+                 enforce_eager: bool = False, quantization: str | None = None,
+                 detokenize: bool = True) -> None:
+        """detokenize=False: step() returns RequestDeltas (token ids, no text) instead of
+        RequestOutputs, and the tokenizer is loaded only for requests with stop strings; the
+        engine process runs so, and its front end detokenizes (output_processor.RemoteRequest)."""
         t0 = time.perf_counter()
         device = torch.device(device) if device is not None else platforms.default_device()
         dtype = platforms.resolve_dtype(dtype, device)
@@ -63,7 +67,9 @@ class LLMEngine:
         self._tokenizer: Tokenizer | None = None
         self._tokenizer_loading = None
         self._tokenizer_eos = model_cfg.eos_token_ids
-        if not Tokenizer.is_cached(self.source):
+        self.detokenize = detokenize
+        self._eos_token_ids = Tokenizer.cached_eos_token_ids(self.source, self._tokenizer_eos)
+        if self._eos_token_ids is None:
             self.preload_tokenizer()
         max_len = max_model_len or model_cfg.max_position_embeddings
         backend = get_backend(attention_backend, device=device, num_heads=model_cfg.num_heads,
@@ -116,6 +122,12 @@ class LLMEngine:
             self._tokenizer = self._tokenizer_loading.result()
         return self._tokenizer
 
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        if self._eos_token_ids is None:
+            self._eos_token_ids = self.tokenizer.eos_token_ids
+        return self._eos_token_ids
+
     def _new_request_state(self, num_blocks: int) -> None:
         prefix_cache = None
         if self.config.cache.enable_prefix_caching:
@@ -167,7 +179,8 @@ class LLMEngine:
     # ---- requests in ----------------------------------------------------------------------
 
     def tokenize_prompt(self, prompt) -> tuple[str | None, list[int]]:
-        return tokenize_prompt(self.tokenizer, self.config.model_config.vocab_size, prompt)
+        return tokenize_prompt(lambda text: self.tokenizer.encode(text),
+                               self.config.model_config.vocab_size, prompt)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         validate_prompt(prompt_ids, params, self.config.scheduler.max_model_len)
@@ -188,11 +201,13 @@ class LLMEngine:
             if sp.seed is not None:
                 gen = torch.Generator(device=self.config.device).manual_seed(sp.seed)
             req = Request(rid if params.n == 1 else f"{rid}#{i}", ids, sp,
-                          self.tokenizer.eos_token_ids, self.config.scheduler.max_model_len,
+                          self.eos_token_ids, self.config.scheduler.max_model_len,
                           parent=parent, generator=gen)
             parent = parent or req
-            state.seqs.append(SequenceState(req, i, IncrementalDetokenizer(
-                self.tokenizer, ids, sp.skip_special_tokens)))
+            detok = None
+            if self.detokenize or sp.stop:      # without text, only stop strings need it
+                detok = IncrementalDetokenizer(self.tokenizer, ids, sp.skip_special_tokens)
+            state.seqs.append(SequenceState(req, i, detok))
         # registered only once every sibling was built: a failure above leaves nothing behind
         for seq in state.seqs:
             self._seqs[seq.request.request_id] = (state, seq)
@@ -227,9 +242,9 @@ class LLMEngine:
         self.scheduler.update(sched, result.sampled)
         return self._process_outputs(sched, result)
 
-    def _process_outputs(self, sched, result) -> list[RequestOutput]:
+    def _process_outputs(self, sched, result) -> list[RequestOutput] | list[RequestDelta]:
         self.stats.preemptions += len(sched.preempted)
-        touched: dict[str, RequestState] = {}
+        touched: dict[str, tuple[RequestState, list]] = {}    # request id → (state, its tokens)
         for s, token, lp in zip(sched.scheduled, result.sampled, result.logprobs):
             req = s.request
             if token is None:
@@ -237,7 +252,10 @@ class LLMEngine:
             if req.request_id not in self._seqs:
                 continue
             state, seq = self._seqs[req.request_id]
-            stop = seq.add_token(token, lp, self.tokenizer)
+            if self.detokenize:
+                stop = seq.add_token(token, lp, self.tokenizer)
+            else:
+                stop = seq.add_text(token) if seq.detok is not None else None
             if stop is not None and not req.status.finished:
                 req.stop_reason = stop
                 self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
@@ -245,13 +263,21 @@ class LLMEngine:
                 self.stats.prompt_tokens += req.num_prompt_tokens
                 self.stats.cached_prompt_tokens += req.num_cached_tokens
             self.stats.generation_tokens += 1
-            touched[state.request_id] = state
+            touched.setdefault(state.request_id, (state, []))[1].append((seq, token, lp))
         outputs = []
-        for rid, state in touched.items():
-            outputs.append(state.output())
+        for rid, (state, tokens) in touched.items():
+            outputs.append(state.output() if self.detokenize else self._delta(state, tokens))
             if state.finished:
                 self.stats.finished_requests += 1
                 del self.states[rid]
                 for seq in state.seqs:
                     del self._seqs[seq.request.request_id]
         return outputs
+
+    @staticmethod
+    def _delta(state: RequestState, tokens: list) -> RequestDelta:
+        seqs = [SequenceDelta(seq.index, token, lp, seq.request.finish_reason,
+                              seq.request.stop_reason, seq.request.stopped_by_token)
+                for seq, token, lp in tokens]
+        return RequestDelta(state.request_id, state.finished,
+                            max(s.request.num_cached_tokens for s in state.seqs), seqs)

@@ -1,8 +1,8 @@
 """The engine in a process of its own, and the client the HTTP server drives it through.
 
 `ember serve` forks before it imports anything heavy. The child imports torch, loads the model and
-runs an AsyncLLMEngine (its step thread, unchanged). Meanwhile the parent imports FastAPI, loads
-the tokenizer and builds the app. On this 2-core machine that takes FastAPI's import (0.3-0.45 s)
+runs an AsyncLLMEngine (its step thread). Meanwhile the parent imports FastAPI, loads the
+tokenizer and builds the app. On this 2-core machine that takes FastAPI's import (0.3-0.45 s)
 and the tokenizer's (0.1 s, which held the GIL the engine's load needed) off the path to the first
 token, as vLLM's engine core process does; and HTTP parsing and SSE framing no longer take the
 engine process's GIL.
@@ -15,12 +15,20 @@ The two talk over a pipe (multiprocessing.Connection; each send is one pickled l
                         ("shutdown",)
   engine -> front end   ("ready", EngineInfo) or ("load_failed", error), once; then
                         ("started", call_id)      the requests are queued (or ("error", ...))
-                        ("output", call_id, RequestOutput)   ("end", call_id)
+                        ("output", call_id, RequestDelta)    ("end", call_id)
                         ("error", call_id, exception)        ("result", call_id, value)
                         ("state", EngineState)    after anything that changed it
 
 Prompts are tokenized and checked in the front end, with the engine's own checks
-(ember/engine/interface.py). Outputs are batched: one send per engine step, not one per request.
+(ember/engine/interface.py). Text is made there too, as vLLM does: the engine runs
+LLMEngine(detokenize=False), whose steps give RequestDeltas (each sequence's new token id, its
+logprobs as ids, how it ended), and the front end detokenizes them into the RequestOutputs an
+in-process engine gives (output_processor.RemoteRequest). So the engine process loads no
+tokenizer (reading it held the GIL 0.1 s, which the first request after a start waited for), its
+steps skip detokenization (~25 us per sequence), and a step's message is a few KB. Only a request
+with stop strings makes the engine load the tokenizer, to stop the sequence on the step that
+completes one; the front end then finds the same string in the same text, and cuts it there.
+Outputs are batched: one send per engine step, not one per request.
 
 The engine process ignores SIGINT and SIGTERM: the front end drains its requests first, then
 sends "shutdown". It exits when the pipe closes, so it never outlives the front end. If it dies,
@@ -45,6 +53,7 @@ from typing import AsyncIterator, Sequence
 from ember import startup_gc
 from ember.engine.interface import (EngineError, EngineSnapshot, EngineStopped, FaultInjector,
                                     tokenize_prompt, validate_prompt)
+from ember.engine.output_processor import RemoteRequest
 from ember.models.source import resolve_model
 from ember.outputs import RequestOutput
 from ember.sampling_params import SamplingParams
@@ -90,7 +99,7 @@ def _engine_main(conn, front_end_conn, model: str | None, options: dict) -> None
         from ember.engine.async_engine import AsyncLLMEngine
         from ember.engine.llm_engine import LLMEngine
         faults = FaultInjector.from_env()    # test-only; None unless EMBER_FAULT_INJECT is set
-        engine = AsyncLLMEngine(LLMEngine(model, **options), faults)
+        engine = AsyncLLMEngine(LLMEngine(model, detokenize=False, **options), faults)
     except BaseException as e:  # noqa: BLE001 — the front end reports it and exits
         conn.send([("load_failed", _portable(e))])
         return
@@ -102,7 +111,6 @@ def _engine_main(conn, front_end_conn, model: str | None, options: dict) -> None
     try:
         conn.send([("ready", EngineInfo(eng.source.name, engine.max_model_len, engine.vocab_size,
                                         eng.summary))])
-        eng.preload_tokenizer()              # while the front end starts serving
         asyncio.run(_EngineServer(conn, engine).run())
     except OSError:                          # the front end left while we loaded
         pass
@@ -316,33 +324,34 @@ class EngineClient:
         return self._state.num_waiting + sum(self._unacked.values())
 
     def tokenize_prompt(self, prompt) -> tuple[str | None, list[int]]:
-        return tokenize_prompt(self.tokenizer, self.vocab_size, prompt)
-
-    def prepare(self, prompt, params: SamplingParams) -> list[int]:
-        _, ids = self.tokenize_prompt(prompt)
-        validate_prompt(ids, params, self.max_model_len)
-        return ids
+        return tokenize_prompt(self.tokenizer.encode, self.vocab_size, prompt)
 
     # -- requests --
     async def add_requests(self, requests: Sequence[tuple[str, object, SamplingParams]]
                            ) -> AsyncIterator[RequestOutput]:
         """As AsyncLLMEngine.add_requests: raises ValueError or EngineStopped before anything
         runs; the iterator aborts what is unfinished when it is left early."""
-        prepared = [(rid, self.prepare(prompt, sp), sp) for rid, prompt, sp in requests]
+        remote = {}
+        for rid, prompt, sp in requests:
+            text, ids = self.tokenize_prompt(prompt)
+            validate_prompt(ids, sp, self.max_model_len)
+            remote[rid] = RemoteRequest(rid, text, ids, sp, self.tokenizer)
         if not self.healthy:
             raise EngineStopped("the engine is not serving: "
                                 + ("shutting down" if self._closing else repr(self.error)))
         call_id, call = self._open_call()
-        self._unacked[call_id] = sum(sp.n for _, _, sp in prepared)
-        self._post(("add", call_id, prepared))
+        self._unacked[call_id] = sum(sp.n for _, _, sp in requests)
+        self._post(("add", call_id, [(rid, r.state.prompt_token_ids, sp)
+                                     for (rid, _, sp), r in zip(requests, remote.values())]))
         first = await call.queue.get()
         if first[0] == "error":
             self._calls.pop(call_id, None)
             raise first[1]
-        return self._iterate(call_id, call, None if first[0] == "started" else first)
+        return self._iterate(call_id, call, remote, None if first[0] == "started" else first)
 
-    async def _iterate(self, call_id: int, call: _Call, first: tuple | None
-                       ) -> AsyncIterator[RequestOutput]:
+    async def _iterate(self, call_id: int, call: _Call, remote: dict[str, RemoteRequest],
+                       first: tuple | None) -> AsyncIterator[RequestOutput]:
+        """The call's RequestDeltas, detokenized here into cumulative RequestOutputs."""
         done = False
         try:
             while True:
@@ -351,7 +360,7 @@ class EngineClient:
                 if msg[0] == "started":
                     continue
                 if msg[0] == "output":
-                    yield msg[1]
+                    yield remote[msg[1].request_id].apply(msg[1])
                 elif msg[0] == "end":
                     done = True
                     return

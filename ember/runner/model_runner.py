@@ -15,19 +15,11 @@ from ember.attention import AttentionBackend, BatchLayout
 from ember.config import EngineConfig
 from ember.core.kv_cache_manager import KVCacheManager
 from ember.core.scheduler import SchedulerOutput
+from ember.outputs import Logprobs
 from ember.runner.graphs import DecodeGraphs, supports_graphs
 from ember.runner.sampler import Sampler, SamplerOutput, SamplingBatch
 
 MAX_GRAPH_BATCH = 512       # larger pure-decode steps run eagerly
-
-
-@dataclass
-class Logprobs:
-    """For one sampled token: its logprob and rank, and the top-k alternatives."""
-    token_id: int
-    logprob: float
-    rank: int
-    top: list[tuple[int, float]]
 
 
 @dataclass

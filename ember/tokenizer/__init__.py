@@ -59,6 +59,18 @@ class Tokenizer:
         with transformers, which takes seconds)."""
         return os.path.isdir(_cache_slot(source)[0])
 
+    @staticmethod
+    def cached_eos_token_ids(source: ModelSource, extra_eos: tuple[int, ...] = ()
+                             ) -> frozenset[int] | None:
+        """The eos_token_ids `load` gives, read from ember's cache without loading the tokenizer
+        (the engine process needs no more); None when the cache does not hold it yet."""
+        try:
+            with open(os.path.join(_cache_slot(source)[0], "meta.json")) as f:
+                eos = json.load(f)["eos_token_id"]
+        except FileNotFoundError:
+            return None
+        return frozenset({*extra_eos, *([] if eos is None else [eos])})
+
     @classmethod
     def load(cls, source: ModelSource, extra_eos: tuple[int, ...] = ()) -> "Tokenizer":
         cached, root = _cache_slot(source)
