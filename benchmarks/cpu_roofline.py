@@ -2,12 +2,13 @@
 
 Ceilings, from a tiny C program compiled here (g++ -O2 -march=native -fopenmp) and run on all
 cores: the peak of AVX-512 BF16 dot products (vdpbf16ps on 12 independent register accumulators,
-no memory traffic) and of fp32 FMAs, and the read bandwidth of a 512 MiB buffer (AVX-512 loads,
+no memory traffic; on CPUs without AVX-512 BF16 ember's kernels make each dot product of a pair two
+fp32 FMAs, so there the fp32 FMA peak is the bf16 ceiling) and of fp32 FMAs, and the read bandwidth of a 512 MiB buffer (AVX-512 loads,
 4 streams per thread). Then ember's bf16 linear kernel at decode and prefill sizes of the default
 model, each as a fraction of the matching ceiling: GFLOP/s over the dot-product peak where it is
 compute-bound, bytes of weights read per second over the read bandwidth at batch 1.
 
-    python benchmarks/cpu_roofline.py          # needs g++ and AVX-512 BF16
+    python benchmarks/cpu_roofline.py          # needs g++ and AVX-512
 """
 from __future__ import annotations
 
@@ -32,15 +33,20 @@ static volatile float keep;   /* the sums go here so the loops are not optimised
                               "+v"(a6), "+v"(a7), "+v"(a8), "+v"(a9), "+v"(a10), "+v"(a11));
 #define SUM(i) sink += _mm512_reduce_add_ps(a##i);
 static double bf16(long n) {
+#ifndef __AVX512BF16__
+    return 0;
+#endif
     double t = omp_get_wtime(); float sink = 0;
     #pragma omp parallel reduction(+ : sink)
     { R12(DECL)
+#ifdef __AVX512BF16__
       __m512bh x = (__m512bh)_mm512_set1_epi32(0x3f803f80), y = x;
       for (long i = 0; i < n; i++) {
 #define OP(i) a##i = _mm512_dpbf16_ps(a##i, x, y);
           R12(OP) KEEP
 #undef OP
       }
+#endif
       R12(SUM) }
     keep = sink;
     return omp_get_wtime() - t;
@@ -85,14 +91,15 @@ int main() {
         x = fp32(n); if (x < f) f = x;
         x = readbw(buf, bytes); if (x < r) r = x;
     }
-    printf("%f %f %f\n", n * 12.0 * 64 * T / b / 1e9, n * 12.0 * 32 * T / f / 1e9, bytes / r / 1e9);
+    printf("%f %f %f\n", b > 0 ? n * 12.0 * 64 * T / b / 1e9 : 0.0, n * 12.0 * 32 * T / f / 1e9, bytes / r / 1e9);
     return 0;
 }
 """
 
 
 def ceilings() -> tuple[float, float, float]:
-    """(bf16 dot-product GFLOP/s, fp32 FMA GFLOP/s, read GB/s) of this machine, all cores."""
+    """(bf16 dot-product GFLOP/s, fp32 FMA GFLOP/s, read GB/s) of this machine, all cores. Without
+    AVX-512 BF16 the bf16 ceiling is the fp32 FMA peak (ember's kernels then widen the pairs)."""
     with tempfile.TemporaryDirectory() as tmp:
         src, exe = os.path.join(tmp, "probe.c"), os.path.join(tmp, "probe")
         with open(src, "w") as f:
@@ -101,7 +108,7 @@ def ceilings() -> tuple[float, float, float]:
         env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
         out = subprocess.run([exe], capture_output=True, text=True, check=True, env=env).stdout
     bf, fp, bw = map(float, out.split())
-    return bf, fp, bw
+    return bf or fp, fp, bw
 
 
 def time_linear(m: int, n: int, k: int, copies: int, reps: int = 5) -> float:
@@ -121,9 +128,10 @@ def time_linear(m: int, n: int, k: int, copies: int, reps: int = 5) -> float:
 
 def main() -> None:
     if not kernels.cpu.has_linear_bf16():
-        raise SystemExit("ember's bf16 linear kernel is not available here (needs AVX-512 BF16, g++)")
+        raise SystemExit("ember's bf16 linear kernel is not available here (needs AVX-512, g++)")
     bf, fp, bw = ceilings()
-    print(f"threads {torch.get_num_threads()}: bf16 dot products {bf:.0f} GFLOP/s, fp32 FMA "
+    how = "in hardware" if kernels.cpu.has_bf16_dot() else "as fp32 FMAs (no AVX-512 BF16)"
+    print(f"threads {torch.get_num_threads()}: bf16 dot products {how} {bf:.0f} GFLOP/s, fp32 FMA "
           f"{fp:.0f} GFLOP/s, read {bw:.1f} GB/s (ceilings, this run)\n")
     print(f"{'ember linear (default model shapes)':<44} {'achieved':>14} {'of ceiling':>11}")
     # batch 1: bandwidth-bound; the shapes of one layer, then the LM head

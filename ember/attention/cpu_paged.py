@@ -16,7 +16,7 @@
                 7.5 → 5.6 s).
 
 The layout inside a block: the torch backend's [block_size][D] rows, except for bf16 caches with
-blocks of 16 and head sizes that are multiples of 32 on CPUs with AVX-512 BF16 (`pair_layout`,
+blocks of 16 and head sizes that are multiples of 32 wherever ember's kernels run (`pair_layout`,
 the default model's case), which hold each block in the layout the bf16 dot products read: keys
 [D/2][16][2] (a dim pair of 16 keys per vector) and values [8][D][2] (a key pair per dim). Scores
 then need no horizontal sums and p·v no interleaving, and the decode kernel's arithmetic halves

@@ -37,7 +37,7 @@ def _check_quantization(quantization: str | None, device: torch.device, dtype: t
     from ember.kernels import cpu
     if device.type != "cpu" or dtype != torch.bfloat16 or not cpu.has_linear_bf16():
         raise ValueError("quantization='int8' (weight-only) runs on ember's CPU kernels: it needs "
-                         "dtype bfloat16 on a CPU with AVX-512 BF16")
+                         "dtype bfloat16 on a CPU with AVX-512 and a C++ compiler")
 
 
 class LLMEngine:

@@ -65,7 +65,7 @@ def _pack(w: torch.Tensor) -> torch.Tensor:
 
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """The layout ember's bf16 linear kernel reads, or None where that kernel does not serve this
-    weight (other device or dtype, shapes, no AVX-512 BF16). A copy: the caller keeps `weight`
+    weight (other device or dtype, shapes, no AVX-512). A copy: the caller keeps `weight`
     for everything else (tied embeddings, weight updates, the torch path)."""
     return _pack(weight) if _linear_kernel_takes(weight) else None
 

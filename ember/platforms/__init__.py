@@ -123,25 +123,48 @@ def default_kv_cache_bytes(device: torch.device) -> int:
 
 
 def _time_matmuls(a32, b32, rounds: int = 7) -> tuple[float, float]:
-    """Best time of a bf16 and an fp32 matmul, interleaved so that load on the machine hits both."""
-    a16, b16 = a32.bfloat16(), b32.bfloat16()
+    """Best time of a bf16 and an fp32 matmul, interleaved so that load on the machine hits both.
+    The bf16 one is ember's linear kernel where it serves (the model's linears then run on it,
+    not on torch's matmul), else torch's."""
+    from ember import kernels
+    a16, w16 = a32.bfloat16(), b32.t().contiguous().bfloat16()      # w: [N, K], as a linear's
+    packed = kernels.pack_linear_weight(w16)
+    bf16_matmul = lambda: kernels.linear(a16, w16, None, packed)   # noqa: E731 (torch's if None)
+    fp32_matmul = lambda: a32 @ b32                                  # noqa: E731
     best = [float("inf"), float("inf")]
     for _ in range(rounds):
-        for i, (a, b) in enumerate(((a16, b16), (a32, b32))):
+        for i, matmul in enumerate((bf16_matmul, fp32_matmul)):
             t = time.perf_counter()
             for _ in range(3):
-                a @ b
+                matmul()
             best[i] = min(best[i], time.perf_counter() - t)
     return best[0], best[1]
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (platform.processor() is empty on most Linux systems)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 @functools.cache
 def _bf16_is_fast_on_cpu() -> bool:
-    """Measured, not guessed from a CPU name: bf16 must beat fp32 on a matmul of model-like shape.
-    The verdict is cached on disk per CPU and torch version, so every start decides the same."""
+    """Measured, not guessed from a CPU name: bf16 must beat fp32 on a matmul of model-like shape
+    (through ember's kernel where it serves: on CPUs without AVX-512 BF16, where torch's bf16
+    matmul is slower than its fp32, ember's kernel still wins by reading half the bytes). The
+    verdict is cached on disk per CPU, torch version and kernel availability, so every start
+    decides the same."""
     from ember.config import cache_dir
-    cpu = platform.processor() or platform.machine()
-    key = f"{cpu}|{torch.__version__}|{torch.backends.cpu.get_cpu_capability()}"
+    from ember.kernels import cpu as cpu_kernels
+    cpu = _cpu_model()
+    kernel = "ember-kernels" if cpu_kernels.has_linear_bf16() else "torch"
+    key = f"{cpu}|{torch.__version__}|{torch.backends.cpu.get_cpu_capability()}|{kernel}"
     path = os.path.join(cache_dir(), "bf16_probe.json")
     try:
         with open(path) as f:

@@ -139,7 +139,7 @@ def test_argmax_kernel_matches_torch(dtype):
 
 # ---- linear + SiLU·mul in one pass -------------------------------------------------------------
 
-@pytest.mark.skipif(not cpu_kernels.has_linear_bf16(), reason="needs AVX-512 BF16 and a compiler")
+@pytest.mark.skipif(not cpu_kernels.has_linear_bf16(), reason="needs AVX-512 and a compiler")
 @pytest.mark.parametrize("quantization", [None, "int8"])
 @pytest.mark.parametrize("rows", [1, 5, 37, 200])
 def test_linear_silu_and_mul_equals_the_two_steps(rows, quantization):

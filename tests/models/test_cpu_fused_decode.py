@@ -10,7 +10,7 @@ from ember import SamplingParams
 from ember.kernels import cpu
 
 pytestmark = pytest.mark.skipif(not cpu.has_linear_bf16(),
-                                reason="the fused decode needs AVX-512 BF16 and a C++ compiler")
+                                reason="the fused decode needs AVX-512 and a C++ compiler")
 COMMON = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
               vocab_size=49152, max_position_embeddings=512, initializer_range=0.1,
               bos_token_id=1, eos_token_id=2, pad_token_id=2, rms_norm_eps=1e-6)

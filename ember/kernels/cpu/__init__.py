@@ -31,7 +31,7 @@ DTYPE_CODES = {"float32": 0, "bfloat16": 1}
 
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
-    "ember_has_linear_bf16": ([], _I32),
+    "ember_has_bf16_dot": ([], _I32),
     "ember_linear_bf16": ([_P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64], None),
     "ember_linear_w8": ([_P, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _I64], None),
     "ember_linear_silu": ([_P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64], None),
@@ -108,7 +108,15 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-@functools.cache
 def has_linear_bf16() -> bool:
+    """Whether ember's bf16 kernels serve (linear, fused decode, pair-layout attention, greedy
+    head where the CPU has VNNI): on every CPU where the library builds."""
+    return library() is not None
+
+
+@functools.cache
+def has_bf16_dot() -> bool:
+    """Whether the bf16 kernels' dot products run in hardware (AVX-512 BF16); without it they
+    widen bf16 pairs to fp32 and use FMAs (kernels.cpp, dot())."""
     lib = library()
-    return lib is not None and bool(lib.ember_has_linear_bf16())
+    return lib is not None and bool(lib.ember_has_bf16_dot())

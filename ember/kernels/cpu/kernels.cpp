@@ -78,44 +78,108 @@ template <typename T> static inline __m512 vround(__m512 v) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Dot products of bf16 pairs, the step every bf16 kernel below is built on: acc + a.even·b.even +
+// a.odd·b.odd in each of 16 fp32 lanes, where a vector of bf16 pairs holds 16 lanes × 2 values.
+// With AVX-512 BF16 (Zen 4, Sapphire Rapids) that is one vdpbf16ps. Without it (Ice Lake,
+// Skylake-X) the pairs are widened to fp32 (a bf16 is the top half of an fp32: one shift or one
+// mask per vector) and multiplied by two FMAs; the kernels keep the same layouts and the same
+// loops, and each widening serves many FMAs (a weight vector every row of a tile, a key vector
+// every query head). The sums differ from vdpbf16ps's only in rounding (two fp32 roundings per
+// pair, and denormals kept), well inside the tolerance the torch reference is held to.
+#if defined(__AVX512BF16__)
+struct Pairs { __m512bh v; };
+static inline Pairs widen(__m512i v) { return {(__m512bh)v}; }
+static inline __m512 dot(__m512 acc, Pairs a, Pairs b) { return _mm512_dpbf16_ps(acc, a.v, b.v); }
+#else
+struct Pairs { __m512 even, odd; };
+static inline Pairs widen(__m512i v) {
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)),
+            _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000)))};
+}
+static inline __m512 dot(__m512 acc, Pairs a, Pairs b) {
+    return _mm512_fmadd_ps(a.odd, b.odd, _mm512_fmadd_ps(a.even, b.even, acc));
+}
+#endif
+static inline Pairs load_pairs(const void* p) { return widen(_mm512_loadu_si512(p)); }
+// one pair of inputs (x[0], x[1]), broadcast to every lane. An fp32 pair needs no widening: two
+// broadcasts from memory (the FMAs take them as operands)
+static inline Pairs broadcast_pair(const bf16* x) {
+    int32_t pair;
+    std::memcpy(&pair, x, 4);
+    return widen(_mm512_set1_epi32(pair));
+}
+// Where a kernel keeps an operand it broadcasts (input rows, queries, probabilities): as bf16
+// with AVX-512 BF16; else as fp32 holding the same bf16 values, whose pairs are two broadcasts
+// from memory that need no widening.
+#if defined(__AVX512BF16__)
+typedef bf16 DotInput;
+static inline void store_dot_input(bf16* p, __m512 v) { store16(p, v); }
+#else
+typedef float DotInput;
+static inline Pairs broadcast_pair(const float* x) {
+    return {_mm512_set1_ps(x[0]), _mm512_set1_ps(x[1])};
+}
+static inline void store_dot_input(float* p, __m512 v) {   // v rounded to bf16, as store16 does
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    _mm512_storeu_ps(p, _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000))));
+}
+#endif
+// n (a multiple of 16) bf16 values as DotInputs
+static inline void to_dot_input(const bf16* src, DotInput* dst, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) store_dot_input(dst + i, load16(src + i));
+}
+// ---------------------------------------------------------------------------------------------
 // linear_bf16: y[M, N] = x[M, K] · W[N, K]ᵀ + b, W packed once at load time (pack_linear_weight) as
 // [N/32][K/2][32][2]: for each pair of inputs, 32 outputs' weights side by side. One AVX-512 BF16
 // dot product then adds x[m, k]·W[n, k] + x[m, k+1]·W[n, k+1] for 16 outputs n at once, with the
 // pair (x[m, k], x[m, k+1]) broadcast. A tile is MR rows of x × 32 outputs (2·MR accumulators in
 // registers); a panel of 32 outputs (K·64 bytes) is read in order, once per MR rows: at decode
-// (M ≤ MR) every weight is read exactly once, as one sequential stream per thread.
-#if defined(__AVX512BF16__)
+// (M ≤ MR) every weight is read exactly once, as one sequential stream per thread. Without
+// AVX-512 BF16, x is widened to fp32 once per call (X = float), so that a tile's input pairs are
+// plain broadcasts from memory.
 constexpr int MR = 10;   // 12: 4% slower on prefill's 1024 × 3072 × 576, no faster elsewhere
 
 // one pair of inputs × 32 outputs of a packed panel, as two vectors of bf16 pairs. int8 weights
 // (weight-only quantization, one scale per output applied after the sum) convert exactly to bf16.
-static inline void load_pairs(const bf16* panel, int64_t kp, __m512bh& b0, __m512bh& b1) {
-    b0 = (__m512bh)_mm512_loadu_si512(panel + kp * 64);
-    b1 = (__m512bh)_mm512_loadu_si512(panel + kp * 64 + 32);
+static inline void load_pairs(const bf16* panel, int64_t kp, Pairs& b0, Pairs& b1) {
+    b0 = load_pairs(panel + kp * 64);
+    b1 = load_pairs(panel + kp * 64 + 32);
 }
+#if defined(__AVX512BF16__)
 static inline __m512 int8x16_to_f32(const int8_t* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
 }
-static inline void load_pairs(const int8_t* panel, int64_t kp, __m512bh& b0, __m512bh& b1) {
+static inline void load_pairs(const int8_t* panel, int64_t kp, Pairs& b0, Pairs& b1) {
     const int8_t* p = panel + kp * 64;
-    b0 = _mm512_cvtne2ps_pbh(int8x16_to_f32(p + 16), int8x16_to_f32(p));
-    b1 = _mm512_cvtne2ps_pbh(int8x16_to_f32(p + 48), int8x16_to_f32(p + 32));
+    b0 = {_mm512_cvtne2ps_pbh(int8x16_to_f32(p + 16), int8x16_to_f32(p))};
+    b1 = {_mm512_cvtne2ps_pbh(int8x16_to_f32(p + 48), int8x16_to_f32(p + 32))};
 }
+#else
+static inline Pairs int8_pairs(const int8_t* p) {    // 16 int8 pairs: each int16 lane's halves
+    const __m512i v = _mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i*)p));
+    return {_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24)),
+            _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 16), 24))};
+}
+static inline void load_pairs(const int8_t* panel, int64_t kp, Pairs& b0, Pairs& b1) {
+    b0 = int8_pairs(panel + kp * 64);
+    b1 = int8_pairs(panel + kp * 64 + 32);
+}
+#endif
 
-template <int R, typename W>
-static inline void gemm_tile(const bf16* x, int64_t ldx, const W* panel, int64_t K,
+template <int R, typename X, typename W>
+static inline void gemm_tile(const X* x, int64_t ldx, const W* panel, int64_t K,
                              const float* scale, const bf16* bias, bf16* y, int64_t ldy) {
     __m512 acc[R][2];
     for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     for (int64_t kp = 0; kp < K / 2; kp++) {
-        __m512bh b0, b1;
+        Pairs b0, b1;
         load_pairs(panel, kp, b0, b1);
         for (int i = 0; i < R; i++) {
-            int32_t pair;
-            std::memcpy(&pair, x + i * ldx + 2 * kp, 4);
-            const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
-            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, b0);
-            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, b1);
+            const Pairs a = broadcast_pair(x + i * ldx + 2 * kp);
+            acc[i][0] = dot(acc[i][0], a, b0);
+            acc[i][1] = dot(acc[i][1], a, b1);
         }
     }
     const __m512 s_lo = scale ? _mm512_loadu_ps(scale) : _mm512_set1_ps(1.f);
@@ -128,8 +192,8 @@ static inline void gemm_tile(const bf16* x, int64_t ldx, const W* panel, int64_t
     }
 }
 
-template <typename W>
-static void gemm_rows(const bf16* x, int64_t ldx, int64_t rows, const W* panel, int64_t K,
+template <typename X, typename W>
+static void gemm_rows(const X* x, int64_t ldx, int64_t rows, const W* panel, int64_t K,
                       const float* scale, const bf16* bias, bf16* y, int64_t ldy) {
     int64_t i = 0;
     for (; i + MR <= rows; i += MR)
@@ -161,18 +225,41 @@ static void for_panel_blocks(int64_t panels, int64_t M, Body body) {
             body(p, rb * ROW_BLOCK, std::min(ROW_BLOCK, M - rb * ROW_BLOCK));
 }
 
+// The input the tiles read: x itself with AVX-512 BF16; else x widened to fp32 (rows of K) into
+// a buffer of the calling thread's, kept from call to call (a fresh one of this size is a mapping
+// that every call would fault in page by page), valid until that thread's next call.
+#if defined(__AVX512BF16__)
+static inline const bf16* tile_input(const bf16* x, int64_t& ldx, int64_t, int64_t) { return x; }
+#else
+static const float* tile_input(const bf16* x, int64_t& ldx, int64_t M, int64_t K) {
+    static thread_local std::vector<float> wide;
+    if ((int64_t)wide.size() < M * K) wide.resize(M * K);
+    float* w = wide.data();
+    #pragma omp parallel for schedule(static) if (M * K > 65536)
+    for (int64_t m = 0; m < M; m++) {
+        int64_t k = 0;
+        for (; k + 16 <= K; k += 16) store16(w + m * K + k, load16(x + m * ldx + k));
+        for (; k < K; k++) w[m * K + k] = bf16_to_f32(x[m * ldx + k]);
+    }
+    ldx = K;
+    return w;
+}
+#endif
+
 template <typename W>
-static void linear_impl(const bf16* x, int64_t ldx, const W* packed, const float* scales,
+static void linear_impl(const bf16* x_in, int64_t ldx, const W* packed, const float* scales,
                         const bf16* bias, bf16* y, int64_t ldy, int64_t M, int64_t N, int64_t K) {
+    const DotInput* x = tile_input(x_in, ldx, M, K);
     for_panel_blocks(N / 32, M, [&](int64_t p, int64_t m0, int64_t rows) {
         gemm_rows(x + m0 * ldx, ldx, rows, packed + p * K * 32, K,
                   scales ? scales + p * 32 : nullptr, bias ? bias + p * 32 : nullptr,
                   y + m0 * ldy + p * 32, ldy);
     });
 }
-#endif
 
-extern "C" int ember_has_linear_bf16() {
+// 1 where the bf16 kernels run on dot products of bf16 pairs in hardware (AVX-512 BF16), 0 where
+// they widen the pairs to fp32 (see dot()); either way they serve.
+extern "C" int ember_has_bf16_dot() {
 #if defined(__AVX512BF16__)
     return 1;
 #else
@@ -185,17 +272,13 @@ extern "C" int ember_has_linear_bf16() {
 // one fp32 scale per output: y = (x · q) · scale + b.
 extern "C" void ember_linear_bf16(const bf16* x, int64_t ldx, const bf16* packed, const bf16* bias,
                                   bf16* y, int64_t ldy, int64_t M, int64_t N, int64_t K) {
-#if defined(__AVX512BF16__)
     linear_impl(x, ldx, packed, nullptr, bias, y, ldy, M, N, K);
-#endif
 }
 
 extern "C" void ember_linear_w8(const bf16* x, int64_t ldx, const int8_t* packed,
                                 const float* scales, const bf16* bias, bf16* y, int64_t ldy,
                                 int64_t M, int64_t N, int64_t K) {
-#if defined(__AVX512BF16__)
     linear_impl(x, ldx, packed, scales, bias, y, ldy, M, N, K);
-#endif
 }
 
 // e^x: 2^(x·log2 e) = 2^n · 2^f with |f| ≤ 1/2, 2^f by its Taylor series to degree 7
@@ -314,28 +397,25 @@ extern "C" void ember_silu_mul(int dtype, const void* gate_up, void* out, int64_
 // rows; packed like linear_bf16's, or int8 with row scales), without writing x · Wᵀ: a tile is R
 // rows × 32 gate outputs and the 32 up outputs that pair with them, both rounded to bf16 as the
 // [M, 2I] tensor would hold them, then multiplied as silu_mul does. Same bits, one pass less.
-#if defined(__AVX512BF16__)
 constexpr int MR_SILU = 6;                 // 4·R accumulators + 4 weight vectors in registers
 
-template <int R, typename W>
-static inline void gemm_silu_tile(const bf16* x, int64_t ldx, const W* gate, const W* up,
+template <int R, typename X, typename W>
+static inline void gemm_silu_tile(const X* x, int64_t ldx, const W* gate, const W* up,
                                   int64_t K, const float* gate_scale, const float* up_scale,
                                   bf16* out, int64_t ldo) {
     // gemm_tile's loop over two panels at once (a shared helper over P panels measured 6% slower)
     __m512 acc[R][4];
     for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = _mm512_setzero_ps();
     for (int64_t kp = 0; kp < K / 2; kp++) {
-        __m512bh g0, g1, u0, u1;
+        Pairs g0, g1, u0, u1;
         load_pairs(gate, kp, g0, g1);
         load_pairs(up, kp, u0, u1);
         for (int i = 0; i < R; i++) {
-            int32_t pair;
-            std::memcpy(&pair, x + i * ldx + 2 * kp, 4);
-            const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
-            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, g0);
-            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, g1);
-            acc[i][2] = _mm512_dpbf16_ps(acc[i][2], a, u0);
-            acc[i][3] = _mm512_dpbf16_ps(acc[i][3], a, u1);
+            const Pairs a = broadcast_pair(x + i * ldx + 2 * kp);
+            acc[i][0] = dot(acc[i][0], a, g0);
+            acc[i][1] = dot(acc[i][1], a, g1);
+            acc[i][2] = dot(acc[i][2], a, u0);
+            acc[i][3] = dot(acc[i][3], a, u1);
         }
     }
     __m512 s[4];
@@ -352,15 +432,16 @@ static inline void gemm_silu_tile(const bf16* x, int64_t ldx, const W* gate, con
 }
 
 template <typename W>
-static void linear_silu_impl(const bf16* x, int64_t ldx, const W* packed, const float* scales,
+static void linear_silu_impl(const bf16* x_in, int64_t ldx, const W* packed, const float* scales,
                              bf16* out, int64_t ldo, int64_t M, int64_t I, int64_t K) {
+    const DotInput* x = tile_input(x_in, ldx, M, K);
     const int64_t panels = I / 32;
     for_panel_blocks(panels, M, [&](int64_t p, int64_t m0, int64_t rows) {
         const W* gate = packed + p * K * 32;
         const W* up = packed + (p + panels) * K * 32;
         const float* gs = scales ? scales + p * 32 : nullptr;
         const float* us = scales ? scales + (p + panels) * 32 : nullptr;
-        const bf16* xr = x + m0 * ldx;
+        const DotInput* xr = x + m0 * ldx;
         bf16* o = out + m0 * ldo + p * 32;
         int64_t i = 0;
         for (; i + MR_SILU <= rows; i += MR_SILU)
@@ -372,16 +453,13 @@ static void linear_silu_impl(const bf16* x, int64_t ldx, const W* packed, const 
         }
     });
 }
-#endif
 
 // W [2I, K] packed (bf16), or int8 with `scales` [2I]; I a multiple of 32.
 extern "C" void ember_linear_silu(const bf16* x, int64_t ldx, const void* packed,
                                   const float* scales, bf16* out, int64_t ldo, int64_t M,
                                   int64_t I, int64_t K) {
-#if defined(__AVX512BF16__)
     if (scales) linear_silu_impl(x, ldx, (const int8_t*)packed, scales, out, ldo, M, I, K);
     else linear_silu_impl(x, ldx, (const bf16*)packed, nullptr, out, ldo, M, I, K);
-#endif
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -451,7 +529,7 @@ extern "C" void ember_argmax(int dtype, const void* x, int64_t ld, int64_t rows,
 //    logits are bit for bit those of the full product, and take the first largest.
 // A row with a non-finite value (or non-finite bounds) computes every panel, as the full path.
 // Typically a handful of the N/32 panels survive the screen.
-#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+#if defined(__AVX512VNNI__)
 constexpr int OUTLIER_PAIRS = 16;   // at most; at batch 1, 4 were 0.4 ms faster than 16 (0.3% of
                                     // panels kept against 0.1%)
 constexpr int SCREEN_R = 8;     // rows per screen tile; 10 was slower at batch 64 (a last tile of 4)
@@ -566,14 +644,12 @@ static inline void outlier_tile(const bf16* x, int64_t ldx, const bf16* bp, cons
         acc[i][1] = _mm512_loadu_ps(est + i * 32 + 16);
     }
     for (int o = 0; o < n_pairs; o++) {
-        __m512bh b0, b1;
+        Pairs b0, b1;
         load_pairs(bp, pairs[o], b0, b1);
         for (int i = 0; i < R; i++) {
-            int32_t pair;
-            std::memcpy(&pair, x + i * ldx + 2 * pairs[o], 4);
-            const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
-            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, b0);
-            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, b1);
+            const Pairs a = broadcast_pair(x + i * ldx + 2 * pairs[o]);
+            acc[i][0] = dot(acc[i][0], a, b0);
+            acc[i][1] = dot(acc[i][1], a, b1);
         }
     }
     for (int i = 0; i < R; i++) {
@@ -751,7 +827,7 @@ static void greedy_head_impl(const bf16* x, int64_t ldx, int64_t M, const bf16* 
 #endif
 
 extern "C" int ember_has_greedy_head() {
-#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+#if defined(__AVX512VNNI__)
     return 1;
 #else
     return 0;
@@ -761,7 +837,7 @@ extern "C" int ember_has_greedy_head() {
 extern "C" void ember_greedy_head_prepare(const bf16* packed, int64_t N, int64_t K, int8_t* q,
                                           int32_t* colsum, float* scale, float* err_norm,
                                           float* w_norm) {
-#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+#if defined(__AVX512VNNI__)
     greedy_head_prepare_impl(packed, N, K, q, colsum, scale, err_norm, w_norm);
 #endif
 }
@@ -773,14 +849,14 @@ extern "C" void ember_greedy_head(const bf16* x, int64_t ldx, int64_t M, const b
                                   const int8_t* q, const int32_t* colsum, const float* scale,
                                   const float* err_norm, const float* w_norm, int64_t N,
                                   int64_t K, int64_t* out, int64_t* panels_computed) {
-#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+#if defined(__AVX512VNNI__)
     greedy_head_impl(x, ldx, M, packed, q, colsum, scale, err_norm, w_norm, N, K, out,
                      panels_computed);
 #endif
 }
 
 // ---------------------------------------------------------------------------------------------
-// The pair layout of bf16 caches (block size 16, head size a multiple of 32, AVX-512 BF16): the
+// The pair layout of bf16 caches (block size 16, head size a multiple of 32): the
 // layout the dot products read, so that attention needs neither horizontal sums nor shuffles.
 // Within one block of one KV head (16 positions × D, the same place and size as the row layout's
 // [16][D]):
@@ -792,11 +868,7 @@ extern "C" void ember_greedy_head(const bf16* x, int64_t ldx, int64_t M, const b
 // kv_write writes it; paged_decode_pairs and paged_prefill read it. pair_layout() is the rule,
 // and ember/attention/cpu_paged.py holds the same one (the torch code never reads such a cache).
 static inline bool pair_layout(int64_t elem, int64_t bs, int64_t D) {
-#if defined(__AVX512BF16__)
     return elem == 2 && bs == 16 && D % 32 == 0 && D <= 256;
-#else
-    return false;
-#endif
 }
 
 static inline int64_t value_index(int64_t pos, int64_t d, int64_t D) {
@@ -1007,7 +1079,6 @@ static void paged_decode_heads(const T* q, int64_t ldq, const T* cache, const in
 // short sequences still balance, and the next item is known). LEAD blocks of keys and values
 // make 128 KB, a part of L2 (a whole next item ahead, unbounded, made a layer of 4 sequences ×
 // 4,000 keys 1.9× slower); a thread's first item fetches its own first LEAD blocks at once.
-#if defined(__AVX512BF16__)
 struct ItemPrefetch {
     const char* keys;             // the cache's key plane; values lie `plane` bytes further
     int64_t plane, head_blocks, lines;   // bytes of a plane; blocks of one KV head; lines of a
@@ -1065,13 +1136,12 @@ static void paged_decode_pairs(const bf16* q, int64_t ldq, const bf16* cache, co
             ahead.then_count = std::min(LEAD, (ctx_lens[nb] + BS - 1) / BS - nf);
         }
         alignas(64) float acc[8][D], s[8][C];
-        alignas(64) uint16_t p[8][C];
+        alignas(64) DotInput p[8][C], qp[8][D];   // probabilities; each head's query
         float m[8], l[8];
-        const int32_t* qp[8];                     // each head's query, as bf16 pairs
         for (int64_t g = 0; g < G; g++) {
             m[g] = -INFINITY;
             l[g] = 0.f;
-            qp[g] = (const int32_t*)(q + b * ldq + (h * G + g) * D);
+            to_dot_input(q + b * ldq + (h * G + g) * D, qp[g], D);
             for (int i = 0; i < NV; i++) _mm512_store_ps(acc[g] + 16 * i, _mm512_setzero_ps());
         }
         auto block_at = [&](int64_t blk) {       // the item's block blk (keys; values + plane)
@@ -1089,13 +1159,13 @@ static void paged_decode_pairs(const bf16* q, int64_t ldq, const bf16* cache, co
                     for (int u = 0; u < SG; u++) s0[u] = s1[u] = _mm512_setzero_ps();
                     for (int dp = 0; dp < DP; dp++) {
                         if (g0 == 0) ahead.step(), ahead.step();
-                        const __m512bh ka = (__m512bh)_mm512_loadu_si512(k0 + dp * 32);
-                        const __m512bh kb = (__m512bh)_mm512_loadu_si512(k1 + dp * 32);
+                        const Pairs ka = load_pairs(k0 + dp * 32);
+                        const Pairs kb = load_pairs(k1 + dp * 32);
                         for (int u = 0; u < SG; u++)
                             if (g0 + u < G) {
-                                const __m512bh qq = (__m512bh)_mm512_set1_epi32(qp[g0 + u][dp]);
-                                s0[u] = _mm512_dpbf16_ps(s0[u], qq, ka);
-                                s1[u] = _mm512_dpbf16_ps(s1[u], qq, kb);
+                                const Pairs qq = broadcast_pair(qp[g0 + u] + 2 * dp);
+                                s0[u] = dot(s0[u], qq, ka);
+                                s1[u] = dot(s1[u], qq, kb);
                             }
                     }
                     const __m512 sc = _mm512_set1_ps(scale);
@@ -1124,7 +1194,7 @@ static void paged_decode_pairs(const bf16* q, int64_t ldq, const bf16* cache, co
                     const __m512 e = _mm512_maskz_mov_ps(
                         valid(j), exp16(_mm512_sub_ps(_mm512_load_ps(s[g] + j), _mm512_set1_ps(mnew))));
                     sum = _mm512_add_ps(sum, e);
-                    _mm256_store_si256((__m256i*)(p[g] + j), (__m256i)_mm512_cvtneps_pbh(e));
+                    store_dot_input(p[g] + j, e);
                 }
                 l[g] = l[g] * corr[g] + _mm512_reduce_add_ps(sum);
                 m[g] = mnew;
@@ -1142,15 +1212,12 @@ static void paged_decode_pairs(const bf16* q, int64_t ldq, const bf16* cache, co
                     for (int64_t t = 0; t < BS / 2; t++) {
                         if (g0 == 0)
                             for (int j = 0; j < NV; j++) ahead.step();
-                        __m512bh vv[NV];
-                        for (int j = 0; j < NV; j++)
-                            vv[j] = (__m512bh)_mm512_loadu_si512(vb + t * 2 * D + 32 * j);
+                        Pairs vv[NV];
+                        for (int j = 0; j < NV; j++) vv[j] = load_pairs(vb + t * 2 * D + 32 * j);
                         for (int u = 0; u < PG; u++)
                             if (g0 + u < G) {
-                                const __m512bh pp = (__m512bh)_mm512_set1_epi32(
-                                    ((const int32_t*)p[g0 + u])[i * BS / 2 + t]);
-                                for (int j = 0; j < NV; j++)
-                                    a[u][j] = _mm512_dpbf16_ps(a[u][j], pp, vv[j]);
+                                const Pairs pp = broadcast_pair(p[g0 + u] + i * BS + 2 * t);
+                                for (int j = 0; j < NV; j++) a[u][j] = dot(a[u][j], pp, vv[j]);
                             }
                     }
                 }
@@ -1163,14 +1230,12 @@ static void paged_decode_pairs(const bf16* q, int64_t ldq, const bf16* cache, co
             store_scaled<NV>(acc[g], 1.f / l[g], out + (b * H + h * G + g) * D);
     }
 }
-#endif
 
 template <typename T>
 static void paged_decode_impl(const T* q, int64_t ldq, const T* cache, const int32_t* tables,
                               int64_t max_blocks, const int32_t* ctx_lens, T* out, int64_t B,
                               int64_t H, int64_t HK, int64_t num_blocks, int64_t bs, int64_t D,
                               float scale, int64_t window) {
-#if defined(__AVX512BF16__)
     if constexpr (std::is_same<T, bf16>::value)
         if (pair_layout(sizeof(T), bs, D))
             switch (D) {
@@ -1179,7 +1244,6 @@ static void paged_decode_impl(const T* q, int64_t ldq, const T* cache, const int
                 HEAD(32) HEAD(64) HEAD(96) HEAD(128) HEAD(160) HEAD(192) HEAD(256)
 #undef HEAD
             }
-#endif
     switch (D) {      // head sizes as compile-time constants: the accumulators stay in registers
 #define HEAD(d) case d: paged_decode_heads<T, d>(q, ldq, cache, tables, max_blocks, ctx_lens, out, \
                                                  B, H, HK, num_blocks, bs, scale, window); break;
@@ -1212,7 +1276,6 @@ extern "C" void ember_paged_decode(int dtype, const void* q, int64_t ldq, const 
 // Blocks go in chunks of up to CB; per chunk, four query vectors at a time: the scores of all the
 // chunk's keys, one online-softmax update per query over the whole chunk, then p·v (the update's
 // reductions are chains of dependent instructions: once per chunk, not once per block).
-#if defined(__AVX512BF16__)
 constexpr int PREFILL_MAX_Q = 32;          // query vectors (rows × G) a tile may hold
 
 template <int D, bool PAIRS>
@@ -1234,11 +1297,11 @@ static void paged_prefill_heads(const bf16* q, int64_t ldq, const bf16* cache,
             const __m512i* kblk[CB];        // per block: [DP] vectors of 16 keys' dim pairs
             const __m512i* vblk[CB];        // per block: [8][2·NB] vectors of 16 dims × key pair
             float m[PREFILL_MAX_Q], l[PREFILL_MAX_Q];
-            const int32_t* qrow[PREFILL_MAX_Q];          // query vector v: row v / G, head v % G
+            alignas(64) DotInput qrow[PREFILL_MAX_Q][D];  // query vector v: row v / G, head v % G
             int64_t ctx[PREFILL_MAX_Q];
             for (int64_t v = 0; v < nq; v++) {
                 const int64_t row = r0 + v / G;
-                qrow[v] = (const int32_t*)(q + row * ldq + (h * G + v % G) * D);
+                to_dot_input(q + row * ldq + (h * G + v % G) * D, qrow[v], D);
                 ctx[v] = ctx_lens[row];
                 m[v] = -INFINITY;
                 l[v] = 0.f;
@@ -1273,11 +1336,10 @@ static void paged_prefill_heads(const bf16* q, int64_t ldq, const bf16* cache,
                     for (int64_t i = 0; i < nb; i++) {
                         for (int u = 0; u < 4; u++) s[u][i] = _mm512_setzero_ps();
                         for (int dp = 0; dp < DP; dp++) {
-                            const __m512bh k = (__m512bh)_mm512_loadu_si512(kblk[i] + dp);
+                            const Pairs k = load_pairs(kblk[i] + dp);
                             for (int u = 0; u < 4; u++)
                                 if (u < nv)
-                                    s[u][i] = _mm512_dpbf16_ps(
-                                        s[u][i], (__m512bh)_mm512_set1_epi32(qrow[v0 + u][dp]), k);
+                                    s[u][i] = dot(s[u][i], broadcast_pair(qrow[v0 + u] + 2 * dp), k);
                         }
                     }
                     for (int u = 0; u < nv; u++) {
@@ -1294,12 +1356,12 @@ static void paged_prefill_heads(const bf16* q, int64_t ldq, const bf16* cache,
                         const float mnew = _mm512_reduce_max_ps(mx);
                         const float corr = std::exp(m[v] - mnew);
                         __m512 sum = _mm512_setzero_ps();
-                        alignas(64) uint16_t pb[CB][16];
+                        alignas(64) DotInput pb[CB][16];
                         for (int64_t i = 0; i < nb; i++) {
                             const __m512 pr = _mm512_maskz_mov_ps(
                                 valid[i], exp16(_mm512_sub_ps(s[u][i], _mm512_set1_ps(mnew))));
                             sum = _mm512_add_ps(sum, pr);
-                            _mm256_store_si256((__m256i*)pb[i], (__m256i)_mm512_cvtneps_pbh(pr));
+                            store_dot_input(pb[i], pr);
                         }
                         l[v] = l[v] * corr + _mm512_reduce_add_ps(sum);
                         m[v] = mnew;
@@ -1310,15 +1372,14 @@ static void paged_prefill_heads(const bf16* q, int64_t ldq, const bf16* cache,
                         }
                         for (int64_t i = 0; i < nb; i++) {
                             const int64_t npairs = (std::min<int64_t>(ctx[v] - (c0 + i) * bs, bs) + 1) / 2;
-                            const int32_t* pairs = (const int32_t*)pb[i];
                             for (int64_t p = 0; p < npairs; p += 2) {
-                                const __m512bh p0 = (__m512bh)_mm512_set1_epi32(pairs[p]);
+                                const Pairs p0 = broadcast_pair(pb[i] + 2 * p);
                                 for (int j = 0; j < NV; j++)
-                                    a0[j] = _mm512_dpbf16_ps(a0[j], p0, (__m512bh)_mm512_loadu_si512(vblk[i] + p * NV + j));
+                                    a0[j] = dot(a0[j], p0, load_pairs(vblk[i] + p * NV + j));
                                 if (p + 1 < npairs) {
-                                    const __m512bh p1 = (__m512bh)_mm512_set1_epi32(pairs[p + 1]);
+                                    const Pairs p1 = broadcast_pair(pb[i] + 2 * p + 2);
                                     for (int j = 0; j < NV; j++)
-                                        a1[j] = _mm512_dpbf16_ps(a1[j], p1, (__m512bh)_mm512_loadu_si512(vblk[i] + (p + 1) * NV + j));
+                                        a1[j] = dot(a1[j], p1, load_pairs(vblk[i] + (p + 1) * NV + j));
                                 }
                             }
                         }
@@ -1336,16 +1397,14 @@ static void paged_prefill_heads(const bf16* q, int64_t ldq, const bf16* cache,
             }
         }
 }
-#endif
 
-// Returns 0 where it cannot serve (not bf16, head size, no AVX-512 BF16): the caller then uses
+// Returns 0 where it cannot serve (not bf16, head size, tile too large): the caller then uses
 // paged_decode row by row. out rows are laid out [rows, H, D] like q's heads.
 extern "C" int ember_paged_prefill(const void* q, int64_t ldq, const void* cache,
                                    const int32_t* tables, int64_t max_blocks,
                                    const int32_t* ctx_lens, const int32_t* tile_starts,
                                    int64_t num_tiles, void* out, int64_t H, int64_t HK,
                                    int64_t num_blocks, int64_t bs, int64_t D, float scale) {
-#if defined(__AVX512BF16__)
     for (int64_t t = 0; t < num_tiles; t++)
         if ((tile_starts[t + 1] - tile_starts[t]) * (H / HK) > PREFILL_MAX_Q) return 0;
     switch (D) {
@@ -1362,7 +1421,6 @@ extern "C" int ember_paged_prefill(const void* q, int64_t ldq, const void* cache
         HEAD(32) HEAD(64) HEAD(96) HEAD(128) HEAD(160) HEAD(192) HEAD(256)
 #undef HEAD
     }
-#endif
     return 0;
 }
 
