@@ -397,7 +397,11 @@ extern "C" void ember_silu_mul(int dtype, const void* gate_up, void* out, int64_
 // rows; packed like linear_bf16's, or int8 with row scales), without writing x · Wᵀ: a tile is R
 // rows × 32 gate outputs and the 32 up outputs that pair with them, both rounded to bf16 as the
 // [M, 2I] tensor would hold them, then multiplied as silu_mul does. Same bits, one pass less.
+#if defined(__AVX512BF16__)
 constexpr int MR_SILU = 6;                 // 4·R accumulators + 4 weight vectors in registers
+#else
+constexpr int MR_SILU = 5;                 // + 8 widened weight vectors: 6 rows spilled to the stack
+#endif
 
 template <int R, typename X, typename W>
 static inline void gemm_silu_tile(const X* x, int64_t ldx, const W* gate, const W* up,
