@@ -32,10 +32,11 @@ SHARED = REPO.parent / "shared"
 LOADGEN = SHARED / "loadgen.py"
 TOKENIZER = SHARED / "models" / "smollm2-135m-instruct-tokenizer"
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
-ENGINES = ("ember", "vllm", "llamacpp", "ember-int8", "llamacpp-q4")
+ENGINES = ("ember", "vllm", "llamacpp", "ember-int8", "llamacpp-q4", "vllm-fp32")
 DEFAULT_ENGINES = ("ember", "vllm", "llamacpp")
 # ember-int8: weight-only int8 (--quantization int8); llamacpp-q4: llama-server on the original
 # Q4_1 GGUF. The quantized pair is compared with each other, bf16 engines with each other.
+# vllm-fp32: vLLM in fp32, its best on CPUs without AVX-512 BF16, where its bf16 may be slower.
 W1_SEED, W2_SEED = 11, 21           # distinct prompts per run: the prefix caches must not hit
 ROUND_SEED_STEP = 100                # round r adds 100·r: each round its own prompts
 LLAMACPP_EXTRA = '{"min_tokens":128,"repeat_penalty":1.0}'   # llama-server ignores ignore_eos
@@ -162,8 +163,17 @@ def setup_gguf_bf16(p: Paths) -> None:
     log(f"BF16 GGUF written: {p.gguf_bf16}")
 
 
+def setup_loadgen(p: Paths) -> None:
+    """loadgen.py's one dependency beyond the standard library."""
+    from importlib.util import find_spec
+    if find_spec("aiohttp") is None:
+        sh([sys.executable, "-m", "pip", "install", "aiohttp"], 600, p.logs / "setup-loadgen.log")
+
+
 def setup(p: Paths, engines) -> None:
-    steps = {"vllm": (setup_vllm, setup_hf_folder), "llamacpp": (setup_llama_server, setup_gguf_bf16),
+    setup_loadgen(p)
+    steps = {"vllm": (setup_vllm, setup_hf_folder), "vllm-fp32": (setup_vllm, setup_hf_folder),
+             "llamacpp": (setup_llama_server, setup_gguf_bf16),
              "llamacpp-q4": (setup_llama_server,)}
     for step in (s for e in engines for s in steps.get(e, ())):
         step(p)
@@ -184,11 +194,12 @@ def server_command(engine: str, p: Paths, port: int) -> tuple[list, dict]:
         return [sys.executable, "-m", "ember.cli", "serve", *host], env
     if engine == "ember-int8":
         return [sys.executable, "-m", "ember.cli", "serve", "--quantization", "int8", *host], env
-    if engine == "vllm":
+    if engine in ("vllm", "vllm-fp32"):
         env.update(VLLM_CPU_OMP_THREADS_BIND="0-1", VLLM_CPU_NUM_OF_RESERVED_CPU="0",
                    VLLM_CPU_KVCACHE_SPACE="4")
+        dtype = "float32" if engine == "vllm-fp32" else "bfloat16"
         return [str(p.vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model",
-                str(p.hf_dir), "--dtype", "bfloat16", "--max-model-len", "2048", *host], env
+                str(p.hf_dir), "--dtype", dtype, "--max-model-len", "2048", *host], env
     gguf = default_gguf() if engine == "llamacpp-q4" else p.gguf_bf16
     return [str(p.llama_server), "-m", str(gguf), *host, "-t", "2", "-tb", "2",
             "-c", "24576", "-np", "64", "-cb"], env
@@ -371,7 +382,7 @@ def table(rounds: list[dict]) -> str:
     summarised as median (min-max)."""
     engines = list(dict.fromkeys(e for r in rounds for e in r))
     # (ember engine, peer): bf16 against bf16 peers, int8 against the 4-bit llama.cpp file
-    pairs = [(ours, e) for ours, peers in (("ember", ("vllm", "llamacpp")),
+    pairs = [(ours, e) for ours, peers in (("ember", ("vllm", "vllm-fp32", "llamacpp")),
                                            ("ember-int8", ("llamacpp-q4",)))
              if ours in engines for e in peers if e in engines]
     head = ["metric", *engines, *[f"{a}/{b}" for a, b in pairs]]
