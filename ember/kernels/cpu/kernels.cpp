@@ -64,11 +64,15 @@ static inline __m512 load16(const bf16* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
 }
 static inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+// v rounded to bf16 (nearest even) in the top 16 bits of each lane; the low bits are left over
+static inline __m512i round_to_bf16_bits(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    return _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+}
 static inline void store16(bf16* p, __m512 v) {   // round to nearest even
-    __m512i u = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+    _mm256_storeu_si256((__m256i*)p,
+                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(round_to_bf16_bits(v), 16)));
 }
 template <typename T> static inline __m512 vround(__m512 v) {
     if constexpr (sizeof(T) == 4) return v;
@@ -120,10 +124,8 @@ static inline Pairs broadcast_pair(const float* x) {
     return {_mm512_set1_ps(x[0]), _mm512_set1_ps(x[1])};
 }
 static inline void store_dot_input(float* p, __m512 v) {   // v rounded to bf16, as store16 does
-    __m512i u = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    _mm512_storeu_ps(p, _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000))));
+    const __m512i bits = _mm512_and_si512(round_to_bf16_bits(v), _mm512_set1_epi32((int)0xffff0000));
+    _mm512_storeu_ps(p, _mm512_castsi512_ps(bits));
 }
 #endif
 // n (a multiple of 16) bf16 values as DotInputs
