@@ -128,9 +128,11 @@ static inline void store_dot_input(float* p, __m512 v) {   // v rounded to bf16,
     _mm512_storeu_ps(p, _mm512_castsi512_ps(bits));
 }
 #endif
-// n (a multiple of 16) bf16 values as DotInputs
+// n bf16 values as DotInputs
 static inline void to_dot_input(const bf16* src, DotInput* dst, int64_t n) {
-    for (int64_t i = 0; i < n; i += 16) store_dot_input(dst + i, load16(src + i));
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) store_dot_input(dst + i, load16(src + i));
+    for (; i < n; i++) store(dst, i, bf16_to_f32(src[i]));     // exact: already a bf16 value
 }
 // ---------------------------------------------------------------------------------------------
 // linear_bf16: y[M, N] = x[M, K] · W[N, K]ᵀ + b, W packed once at load time (pack_linear_weight) as
@@ -238,11 +240,7 @@ static const float* tile_input(const bf16* x, int64_t& ldx, int64_t M, int64_t K
     if ((int64_t)wide.size() < M * K) wide.resize(M * K);
     float* w = wide.data();
     #pragma omp parallel for schedule(static) if (M * K > 65536)
-    for (int64_t m = 0; m < M; m++) {
-        int64_t k = 0;
-        for (; k + 16 <= K; k += 16) store16(w + m * K + k, load16(x + m * ldx + k));
-        for (; k < K; k++) w[m * K + k] = bf16_to_f32(x[m * ldx + k]);
-    }
+    for (int64_t m = 0; m < M; m++) to_dot_input(x + m * ldx, w + m * K, K);
     ldx = K;
     return w;
 }
