@@ -172,13 +172,26 @@ static inline void load_pairs(const int8_t* panel, int64_t kp, Pairs& b0, Pairs&
 }
 #endif
 
+// The panel after this one, fetched into cache while a tile computes (`next`, one call per
+// panel): at decode the panels come from memory, and the hardware prefetchers would start each
+// one's stream cold. The lines the tile reads for a pair of inputs: K·64 bytes a panel (bf16) or
+// K·32 (int8). Side by side on the Ice Lake VM (noisy): the 30 layers' linears of a decode step
+// 2% faster on average at batch 64 (-7% to +6%), 3-5% at batch 1.
+template <typename W>
+static inline void prefetch_pair(const W* next, int64_t kp) {
+    _mm_prefetch((const char*)(next + kp * 64), _MM_HINT_T0);
+    if (sizeof(W) == 2) _mm_prefetch((const char*)(next + kp * 64 + 32), _MM_HINT_T0);
+}
+
 template <int R, typename X, typename W>
 static inline void gemm_tile(const X* x, int64_t ldx, const W* panel, int64_t K,
-                             const float* scale, const bf16* bias, bf16* y, int64_t ldy) {
+                             const float* scale, const bf16* bias, bf16* y, int64_t ldy,
+                             const W* next = nullptr) {
     __m512 acc[R][2];
     for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     for (int64_t kp = 0; kp < K / 2; kp++) {
         Pairs b0, b1;
+        if (next) prefetch_pair(next, kp);
         load_pairs(panel, kp, b0, b1);
         for (int i = 0; i < R; i++) {
             const Pairs a = broadcast_pair(x + i * ldx + 2 * kp);
@@ -196,16 +209,18 @@ static inline void gemm_tile(const X* x, int64_t ldx, const W* panel, int64_t K,
     }
 }
 
+// `next`: the panel the first tile fetches (or null)
 template <typename X, typename W>
 static void gemm_rows(const X* x, int64_t ldx, int64_t rows, const W* panel, int64_t K,
-                      const float* scale, const bf16* bias, bf16* y, int64_t ldy) {
+                      const float* scale, const bf16* bias, bf16* y, int64_t ldy,
+                      const W* next) {
     int64_t i = 0;
-    for (; i + MR <= rows; i += MR)
-        gemm_tile<MR>(x + i * ldx, ldx, panel, K, scale, bias, y + i * ldy, ldy);
+    for (; i + MR <= rows; i += MR, next = nullptr)
+        gemm_tile<MR>(x + i * ldx, ldx, panel, K, scale, bias, y + i * ldy, ldy, next);
     x += i * ldx;
     y += i * ldy;
     switch (rows - i) {
-#define TAIL(r) case r: gemm_tile<r>(x, ldx, panel, K, scale, bias, y, ldy); break;
+#define TAIL(r) case r: gemm_tile<r>(x, ldx, panel, K, scale, bias, y, ldy, next); break;
         TAIL(1) TAIL(2) TAIL(3) TAIL(4) TAIL(5) TAIL(6) TAIL(7) TAIL(8) TAIL(9)
 #undef TAIL
     }
@@ -253,7 +268,8 @@ static void linear_impl(const bf16* x_in, int64_t ldx, const W* packed, const fl
     for_panel_blocks(N / 32, M, [&](int64_t p, int64_t m0, int64_t rows) {
         gemm_rows(x + m0 * ldx, ldx, rows, packed + p * K * 32, K,
                   scales ? scales + p * 32 : nullptr, bias ? bias + p * 32 : nullptr,
-                  y + m0 * ldy + p * 32, ldy);
+                  y + m0 * ldy + p * 32, ldy,
+                  m0 == 0 && p + 1 < N / 32 ? packed + (p + 1) * K * 32 : nullptr);
     });
 }
 
@@ -406,12 +422,13 @@ constexpr int MR_SILU = 5;                 // + 8 widened weight vectors: 6 rows
 template <int R, typename X, typename W>
 static inline void gemm_silu_tile(const X* x, int64_t ldx, const W* gate, const W* up,
                                   int64_t K, const float* gate_scale, const float* up_scale,
-                                  bf16* out, int64_t ldo) {
+                                  bf16* out, int64_t ldo, const W* next = nullptr) {
     // gemm_tile's loop over two panels at once (a shared helper over P panels measured 6% slower)
     __m512 acc[R][4];
     for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = _mm512_setzero_ps();
     for (int64_t kp = 0; kp < K / 2; kp++) {
         Pairs g0, g1, u0, u1;
+        if (next) prefetch_pair(next, kp), prefetch_pair(next + (up - gate), kp);
         load_pairs(gate, kp, g0, g1);
         load_pairs(up, kp, u0, u1);
         for (int i = 0; i < R; i++) {
@@ -447,11 +464,12 @@ static void linear_silu_impl(const bf16* x_in, int64_t ldx, const W* packed, con
         const float* us = scales ? scales + (p + panels) * 32 : nullptr;
         const DotInput* xr = x + m0 * ldx;
         bf16* o = out + m0 * ldo + p * 32;
+        const W* next = m0 == 0 && p + 1 < panels ? gate + K * 32 : nullptr;   // (and its up)
         int64_t i = 0;
-        for (; i + MR_SILU <= rows; i += MR_SILU)
-            gemm_silu_tile<MR_SILU>(xr + i * ldx, ldx, gate, up, K, gs, us, o + i * ldo, ldo);
+        for (; i + MR_SILU <= rows; i += MR_SILU, next = nullptr)
+            gemm_silu_tile<MR_SILU>(xr + i * ldx, ldx, gate, up, K, gs, us, o + i * ldo, ldo, next);
         switch (rows - i) {
-#define TAIL(r) case r: gemm_silu_tile<r>(xr + i * ldx, ldx, gate, up, K, gs, us, o + i * ldo, ldo); break;
+#define TAIL(r) case r: gemm_silu_tile<r>(xr + i * ldx, ldx, gate, up, K, gs, us, o + i * ldo, ldo, next); break;
             TAIL(1) TAIL(2) TAIL(3) TAIL(4) TAIL(5)
 #undef TAIL
         }
