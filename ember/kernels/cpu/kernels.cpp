@@ -175,8 +175,8 @@ static inline void load_pairs(const int8_t* panel, int64_t kp, Pairs& b0, Pairs&
 // The panel after this one, fetched into cache while a tile computes (`next`, one call per
 // panel): at decode the panels come from memory, and the hardware prefetchers would start each
 // one's stream cold. The lines the tile reads for a pair of inputs: K·64 bytes a panel (bf16) or
-// K·32 (int8). Side by side on the Ice Lake VM (noisy): the 30 layers' linears of a decode step
-// 2% faster on average at batch 64 (-7% to +6%), 3-5% at batch 1.
+// K·32 (int8). The 30 layers' linears of a step (benchmarks/kernel_ab.py, Ice Lake VM): 1.09× at
+// 1 and 128 rows, 1.02× at 64, 1.01× at 1024.
 template <typename W>
 static inline void prefetch_pair(const W* next, int64_t kp) {
     _mm_prefetch((const char*)(next + kp * 64), _MM_HINT_T0);
