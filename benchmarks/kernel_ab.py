@@ -21,11 +21,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import hashlib
-import os
-import subprocess
+import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,12 +38,8 @@ P, I64 = ctypes.c_void_p, ctypes.c_int64
 
 
 def build(source: str) -> ctypes.CDLL:
-    """The library of one variant, compiled as ember compiles its own (cached by content)."""
-    text = Path(source).read_bytes()
-    out = Path(tempfile.gettempdir()) / f"ember_ab-{hashlib.sha256(text).hexdigest()[:16]}.so"
-    if not out.exists():
-        subprocess.run(["g++", *cpu._FLAGS, "-o", str(out), source], check=True)
-    return ctypes.CDLL(str(out))
+    """The library of one variant, built and cached as ember builds its own."""
+    return ctypes.CDLL(cpu._build(shutil.which("g++"), source))
 
 
 def main() -> None:

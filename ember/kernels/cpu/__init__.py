@@ -63,11 +63,13 @@ def _cpu_flags() -> str:
     return ""
 
 
-def _build(compiler: str) -> str:
-    with open(_SOURCE, "rb") as f:
-        source = f.read()
+def _build(compiler: str, source: str = _SOURCE) -> str:
+    """The path of the library compiled from `source` (ember's kernels.cpp, or a variant of it:
+    benchmarks/kernel_ab.py), cached by content, flags, compiler and CPU."""
+    with open(source, "rb") as f:
+        text = f.read()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(source + " ".join(_FLAGS + [version, _cpu_flags()]).encode()).hexdigest()
+    key = hashlib.sha256(text + " ".join(_FLAGS + [version, _cpu_flags()]).encode()).hexdigest()
     out_dir = os.path.join(cache_dir(), "kernels")
     path = os.path.join(out_dir, f"ember_cpu-{key[:16]}.so")
     if not os.path.exists(path):
@@ -75,7 +77,7 @@ def _build(compiler: str) -> str:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
         os.close(fd)
         try:
-            proc = subprocess.run([compiler, *_FLAGS, "-o", tmp, _SOURCE],
+            proc = subprocess.run([compiler, *_FLAGS, "-o", tmp, source],
                                   capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed")

@@ -209,6 +209,14 @@ static inline void gemm_tile(const X* x, int64_t ldx, const W* panel, int64_t K,
     }
 }
 
+// The panel the first tile of panel p's rows [m0, ...) fetches: panel p + 1 from the first row
+// block only (the later blocks find it in cache), none after the last panel.
+template <typename W>
+static inline const W* panel_to_fetch(const W* packed, int64_t p, int64_t panels, int64_t K,
+                                      int64_t m0) {
+    return m0 == 0 && p + 1 < panels ? packed + (p + 1) * K * 32 : nullptr;
+}
+
 // `next`: the panel the first tile fetches (or null)
 template <typename X, typename W>
 static void gemm_rows(const X* x, int64_t ldx, int64_t rows, const W* panel, int64_t K,
@@ -268,8 +276,7 @@ static void linear_impl(const bf16* x_in, int64_t ldx, const W* packed, const fl
     for_panel_blocks(N / 32, M, [&](int64_t p, int64_t m0, int64_t rows) {
         gemm_rows(x + m0 * ldx, ldx, rows, packed + p * K * 32, K,
                   scales ? scales + p * 32 : nullptr, bias ? bias + p * 32 : nullptr,
-                  y + m0 * ldy + p * 32, ldy,
-                  m0 == 0 && p + 1 < N / 32 ? packed + (p + 1) * K * 32 : nullptr);
+                  y + m0 * ldy + p * 32, ldy, panel_to_fetch(packed, p, N / 32, K, m0));
     });
 }
 
@@ -464,7 +471,7 @@ static void linear_silu_impl(const bf16* x_in, int64_t ldx, const W* packed, con
         const float* us = scales ? scales + (p + panels) * 32 : nullptr;
         const DotInput* xr = x + m0 * ldx;
         bf16* o = out + m0 * ldo + p * 32;
-        const W* next = m0 == 0 && p + 1 < panels ? gate + K * 32 : nullptr;   // (and its up)
+        const W* next = panel_to_fetch(packed, p, panels, K, m0);   // (and its up panel)
         int64_t i = 0;
         for (; i + MR_SILU <= rows; i += MR_SILU, next = nullptr)
             gemm_silu_tile<MR_SILU>(xr + i * ldx, ldx, gate, up, K, gs, us, o + i * ldo, ldo, next);
