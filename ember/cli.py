@@ -30,7 +30,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, help="sequences batched together (default 128)")
-    p.add_argument("--max-num-batched-tokens", type=int, help="token budget per step (default 1024 on the CPU, 2048 elsewhere)")
+    p.add_argument("--max-num-batched-tokens", type=int, help="prefill tokens per step, decodes ride along (default 1024 on the CPU, 2048 elsewhere)")
     p.add_argument("--kv-cache-memory", type=parse_memory,
                    help="KV cache size: bytes ('2GiB') or a fraction of free memory ('0.5')")
     p.add_argument("--no-prefix-cache", action="store_true", help="disable prefix caching")

@@ -90,7 +90,7 @@ class CacheConfig:
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 128
-    max_num_batched_tokens: int = 2048   # per-step token budget shared by prefill and decode (the engine picks platforms.default_step_tokens)
+    max_num_batched_tokens: int = 2048   # prefill tokens per step; decodes ride along (the engine picks platforms.default_step_tokens)
     max_model_len: int = 4096
     policy: str = "fcfs"
 

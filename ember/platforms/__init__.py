@@ -106,11 +106,11 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
 
 
 def default_step_tokens(device: torch.device) -> int:
-    """The default token budget of one engine step (max_num_batched_tokens). On the CPU a step of
-    1024 tokens already runs the matmuls at full speed, and smaller prefill steps put first
-    tokens out sooner: on W1 (64 prompts of 128 tokens at once, benchmarks/peers.py) the median
-    first token came at 3.6-4.2 s over four runs against 4.1-4.6 s with 2048, at the same
-    throughput."""
+    """The default prefill budget of one engine step (max_num_batched_tokens; decodes ride
+    along). On the CPU a step of 1024 tokens already runs the matmuls at full speed, and smaller
+    prefill steps put first tokens out sooner: on W1 (64 prompts of 128 tokens at once,
+    benchmarks/peers.py) the median first token came at 3.6-4.2 s over four runs against
+    4.1-4.6 s with 2048, at the same throughput (Zen 4, when decodes still took budget)."""
     return 1024 if device.type == "cpu" else 2048
 
 

@@ -82,7 +82,8 @@ class Harness:
     def step(self):
         out = self.sched.schedule()
         self.preempted += [r.request_id for r in out.preempted]
-        assert out.num_tokens <= self.config.max_num_batched_tokens
+        assert out.num_prefill_tokens <= self.config.max_num_batched_tokens
+        assert all(s.num_new_tokens == 1 for s in out.scheduled if s.decode)
         assert len(self.sched.running) <= self.config.max_num_seqs
         assert len({s.request.request_id for s in out.scheduled}) == len(out.scheduled)
         for r in out.preempted:
@@ -162,15 +163,20 @@ def test_chunked_prefill_respects_budget_and_samples_on_last_chunk():
     h.assert_all_free()
 
 
-def test_budget_is_shared_and_fully_used():
+def test_prefill_budget_is_fully_used_and_decodes_ride_along():
     h = Harness(num_blocks=256, block_size=4, budget=24, max_num_seqs=16)
     reqs = [h.add(prompt_of(5 + 7 * i, i), max_tokens=5) for i in range(8)]
     while h.sched.has_unfinished:
-        remaining = sum(r.num_tokens - r.num_computed_tokens for r in h.sched.running) + \
-            sum(r.num_tokens for r in h.sched.waiting)
+        decoding = [r for r in h.sched.running if r.num_tokens - r.num_computed_tokens == 1]
+        prefill_left = sum(r.num_tokens - r.num_computed_tokens for r in h.sched.running
+                           if r not in decoding) + sum(r.num_tokens for r in h.sched.waiting)
         out = h.step()
-        # decodes and prefill chunks share one budget, and nothing is left on the table
-        assert out.num_tokens == min(24, remaining)
+        # every sequence that decodes gets its token, outside the budget; prefill chunks use
+        # the whole budget, and nothing is left on the table
+        assert sorted(s.request.request_id for s in out.scheduled if s.decode) == \
+            sorted(r.request_id for r in decoding)
+        assert out.num_prefill_tokens == min(24, prefill_left)
+        assert out.num_tokens == len(decoding) + min(24, prefill_left)
     for r in reqs:
         assert r.output_token_ids == expected_output(r.prompt_token_ids, 5)
     h.assert_all_free()
