@@ -4,8 +4,9 @@ chunk) of the default model's shapes, through each variant's library, calls alte
 A VM's speed can move by 15% or more from one minute to the next, more than most kernel changes
 are worth. Timing one build, then another, compares two moments, not two kernels. This script
 loads every variant into one process (each `kernels.cpp` compiled to its own .so), runs them in
-turn, round after round, and keeps each one's best. The first variant is the baseline: the others
-are reported as ratios to it, measured in the same run.
+turn, round after round (the order reversed every other round), and reports each one's best
+time and the median over rounds of its speedup over the first variant (the baseline) in the
+same round.
 
     python benchmarks/kernel_ab.py BASE.cpp VARIANT.cpp [...] [--rows 64] [--rounds 20]
 
@@ -72,19 +73,25 @@ def main() -> None:
             lib.ember_linear_bf16(xp, I64(INTER), P(w["down"].data_ptr()), None, yp, I64(HIDDEN),
                                   I64(m), I64(HIDDEN), I64(INTER))
 
-    best = [float("inf")] * len(libs)
-    for _ in range(args.rounds):
-        for i, lib in enumerate(libs):
+    times = [[] for _ in libs]
+    for r in range(args.rounds):
+        order = list(enumerate(libs))
+        if r % 2:
+            order.reverse()                               # neither goes first every time
+        for i, lib in order:
             step(lib)                                     # its weights' lines, as a step finds them
             t = time.perf_counter()
             step(lib)
-            best[i] = min(best[i], time.perf_counter() - t)
+            times[i].append(time.perf_counter() - t)
     flop = 2 * m * LAYERS * HIDDEN * (QKV + HIDDEN + 2 * INTER + INTER)
-    print(f"linears of one step, {m} rows, {torch.get_num_threads()} threads, best of "
-          f"{args.rounds} rounds (alternated)")
-    for source, b in zip(args.sources, best):
+    print(f"linears of one step, {m} rows, {torch.get_num_threads()} threads, {args.rounds} "
+          f"rounds (alternated): best time, and the median of the round-by-round speedups over "
+          f"the first")
+    for source, ts in zip(args.sources, times):
+        b = min(ts)
+        ratios = sorted(t0 / t for t0, t in zip(times[0], ts))
         print(f"  {source:50} {b * 1e3:8.2f} ms  {flop / b / 1e9:6.0f} GFLOP/s  "
-              f"{best[0] / b:5.3f}x the first")
+              f"{min(times[0]) / b:5.3f}x best  {ratios[len(ratios) // 2]:5.3f}x median")
 
 
 if __name__ == "__main__":

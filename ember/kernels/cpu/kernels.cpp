@@ -189,15 +189,30 @@ static inline void gemm_tile(const X* x, int64_t ldx, const W* panel, int64_t K,
                              const W* next = nullptr) {
     __m512 acc[R][2];
     for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-    for (int64_t kp = 0; kp < K / 2; kp++) {
+    // The k loop, two steps an iteration, with the prefetch in a loop of its own instead of a
+    // branch in every step: the loop's counters and branches then take half as many of the issue
+    // slots the FMAs need nearly all of. The 30 layers' linears of a step (kernel_ab.py, Ice Lake
+    // VM, median of rounds): 1.07-1.13x at 64 rows, 1.08x at 128, 1.02-1.19x at 1024, 1.00x at 1
+    // row (bound by memory); four steps an iteration gained less, and the same loops through a
+    // shared helper measured less.
+    auto step = [&](int64_t kp) __attribute__((always_inline)) {
         Pairs b0, b1;
-        if (next) prefetch_pair(next, kp);
         load_pairs(panel, kp, b0, b1);
         for (int i = 0; i < R; i++) {
             const Pairs a = broadcast_pair(x + i * ldx + 2 * kp);
             acc[i][0] = dot(acc[i][0], a, b0);
             acc[i][1] = dot(acc[i][1], a, b1);
         }
+    };
+    if (next) {
+        #pragma GCC unroll 2
+        for (int64_t kp = 0; kp < K / 2; kp++) {
+            prefetch_pair(next, kp);
+            step(kp);
+        }
+    } else {
+        #pragma GCC unroll 2
+        for (int64_t kp = 0; kp < K / 2; kp++) step(kp);
     }
     const __m512 s_lo = scale ? _mm512_loadu_ps(scale) : _mm512_set1_ps(1.f);
     const __m512 s_hi = scale ? _mm512_loadu_ps(scale + 16) : _mm512_set1_ps(1.f);
@@ -433,9 +448,8 @@ static inline void gemm_silu_tile(const X* x, int64_t ldx, const W* gate, const 
     // gemm_tile's loop over two panels at once (a shared helper over P panels measured 6% slower)
     __m512 acc[R][4];
     for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = _mm512_setzero_ps();
-    for (int64_t kp = 0; kp < K / 2; kp++) {
+    auto step = [&](int64_t kp) __attribute__((always_inline)) {   // as gemm_tile's loop
         Pairs g0, g1, u0, u1;
-        if (next) prefetch_pair(next, kp), prefetch_pair(next + (up - gate), kp);
         load_pairs(gate, kp, g0, g1);
         load_pairs(up, kp, u0, u1);
         for (int i = 0; i < R; i++) {
@@ -445,6 +459,16 @@ static inline void gemm_silu_tile(const X* x, int64_t ldx, const W* gate, const 
             acc[i][2] = dot(acc[i][2], a, u0);
             acc[i][3] = dot(acc[i][3], a, u1);
         }
+    };
+    if (next) {
+        #pragma GCC unroll 2
+        for (int64_t kp = 0; kp < K / 2; kp++) {
+            prefetch_pair(next, kp), prefetch_pair(next + (up - gate), kp);
+            step(kp);
+        }
+    } else {
+        #pragma GCC unroll 2
+        for (int64_t kp = 0; kp < K / 2; kp++) step(kp);
     }
     __m512 s[4];
     for (int j = 0; j < 4; j++) {
