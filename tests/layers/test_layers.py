@@ -144,7 +144,8 @@ def test_argmax_kernel_matches_torch(dtype):
 @pytest.mark.parametrize("rows", [1, 5, 37, 200])
 def test_linear_silu_and_mul_equals_the_two_steps(rows, quantization):
     """The fused gate_up + SiLU·mul kernel gives the bits of linear then silu_and_mul: the same
-    weights, tiles of 6 rows and tails, more rows than one row block, bf16 and int8 weights."""
+    weights, few rows (the fused tiles and their tails) and many (gate and up panels in turn),
+    more rows than one row block, bf16 and int8 weights."""
     from ember import kernels
     g = torch.Generator().manual_seed(4)
     inter, k = 64, 96
