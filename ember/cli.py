@@ -35,8 +35,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache size: bytes ('2GiB') or a fraction of free memory ('0.5')")
     p.add_argument("--no-prefix-cache", action="store_true", help="disable prefix caching")
     p.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling")
-    p.add_argument("--quantization", choices=["int8"],
-                   help="weight-only int8 on the CPU kernels (bf16 activations)")
+    p.add_argument("--quantization", choices=["int8", "w8a8"],
+                   help="on the CPU kernels: int8 = weight-only int8 (bf16 activations); w8a8 = "
+                        "int8 weights and int8 activations (per block of 64, VNNI)")
 
 
 def _engine_options(args) -> dict:

@@ -32,12 +32,15 @@ _BACKGROUND = ThreadPoolExecutor(1, thread_name_prefix="ember-load")
 def _check_quantization(quantization: str | None, device: torch.device, dtype: torch.dtype) -> None:
     if quantization is None:
         return
-    if quantization != "int8":
-        raise ValueError(f"unknown quantization {quantization!r}; ember has: int8")
+    if quantization not in ("int8", "w8a8"):
+        raise ValueError(f"unknown quantization {quantization!r}; ember has: int8, w8a8")
     from ember.kernels import cpu
     if device.type != "cpu" or dtype != torch.bfloat16 or not cpu.has_linear_bf16():
-        raise ValueError("quantization='int8' (weight-only) runs on ember's CPU kernels: it needs "
+        raise ValueError(f"quantization={quantization!r} runs on ember's CPU kernels: it needs "
                          "dtype bfloat16 on a CPU with AVX-512 and a C++ compiler")
+    if quantization == "w8a8" and not cpu.has_w8a8():
+        raise ValueError("quantization='w8a8' needs a CPU with AVX-512 VNNI (int8 dot products); "
+                         "quantization='int8' (weight-only) runs without it")
 
 
 class LLMEngine:

@@ -84,17 +84,73 @@ def quantize_linear_weight_int8(weight: torch.Tensor
     return _pack(q), scales.contiguous(), q.float() * scales[:, None]
 
 
+W8A8_BLOCK = 64     # inputs per activation scale (kernels.cpp, linear_w8a8)
+
+
+def quantize_linear_weight_w8a8(weight: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """int8 weights for the W8A8 kernel (int8 activations too, quantized per block of 64 inputs
+    as each call runs; kernels.cpp, linear_w8a8): the weight quantized as
+    quantize_linear_weight_int8 does, packed [N/32][K/4][32][4], with its scales, the offsets
+    [N/32][K/64][32] (−128 · Σ q over each block of 64 inputs: the kernel's inputs are q_x + 128)
+    and q · s. None where the kernel does not serve this weight (no VNNI, other device or dtype,
+    K not a multiple of 64)."""
+    if not (_linear_kernel_takes(weight) and weight.shape[1] % W8A8_BLOCK == 0
+            and cpu.has_w8a8()):
+        return None
+    w = weight.float()
+    n, k = w.shape
+    scales = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    packed = q.view(n // 32, 32, k // 4, 4).permute(0, 2, 1, 3).contiguous().view(-1)
+    sums = q.view(n, k // W8A8_BLOCK, W8A8_BLOCK).sum(-1, dtype=torch.int32)
+    offsets = (-128 * sums).view(n // 32, 32, -1).transpose(1, 2).contiguous().view(-1)
+    return packed, scales.contiguous(), offsets, q.float() * scales[:, None]
+
+
+def quantize_activations_w8a8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What linear_w8a8 makes of its input x [..., K]: q [..., K/64, 64] (integers in
+    [−127, 127], as fp32) and s [..., K/64, 1], x ≈ q · s per block of 64 inputs."""
+    xf = x.float().unflatten(-1, (-1, W8A8_BLOCK))
+    amax = xf.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return torch.round(xf * inv), amax / 127
+
+
+def linear_w8a8_reference(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The function linear_w8a8 computes, in torch: x's blocks quantized as the kernel does,
+    times the int8 weight (weight / scales), summed exactly (fp64), scaled and rounded to x's
+    dtype."""
+    q, s = quantize_activations_w8a8(x)
+    qw = torch.round(weight.double() / scales.double()[:, None])
+    y = torch.einsum("...bk,nbk->...bn", q.double(), qw.unflatten(-1, (-1, W8A8_BLOCK)))
+    y = (y * s.double()).sum(-2) * scales.double()
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(x.dtype)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           packed: torch.Tensor | None = None, scales: torch.Tensor | None = None) -> torch.Tensor:
+           packed: torch.Tensor | None = None, scales: torch.Tensor | None = None,
+           offsets: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] · weight [N, K]ᵀ (+ bias). With `packed` (pack_linear_weight of this weight, or
-    quantize_linear_weight_int8 with its `scales`), ember's kernel runs; otherwise torch's, on
-    `weight`."""
+    quantize_linear_weight_int8 with its `scales`, or quantize_linear_weight_w8a8 with its
+    `scales` and `offsets`), ember's kernel runs; otherwise torch's, on `weight` (for W8A8:
+    linear_w8a8_reference)."""
+    if offsets is not None and not (x.dim() == 2 and x.dtype == torch.bfloat16
+                                    and x.stride(1) == 1 and x.device.type == "cpu"
+                                    and (bias is None or bias.dtype == torch.bfloat16)):
+        return linear_w8a8_reference(x, weight, scales, bias)
     if (packed is not None and x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(1) == 1
             and (bias is None or bias.dtype == torch.bfloat16)):
         m, k = x.shape
         n = weight.shape[0]
         y = torch.empty(m, n, dtype=x.dtype)
-        if scales is None:
+        if offsets is not None:
+            cpu.library().ember_linear_w8a8(x.data_ptr(), x.stride(0), packed.data_ptr(),
+                                            scales.data_ptr(), offsets.data_ptr(), _ptr(bias),
+                                            y.data_ptr(), n, m, n, k)
+        elif scales is None:
             cpu.library().ember_linear_bf16(x.data_ptr(), x.stride(0), packed.data_ptr(),
                                             _ptr(bias), y.data_ptr(), n, m, n, k)
         else:
@@ -131,12 +187,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                        packed: torch.Tensor | None = None,
-                        scales: torch.Tensor | None = None) -> torch.Tensor:
+                        packed: torch.Tensor | None = None, scales: torch.Tensor | None = None,
+                        offsets: torch.Tensor | None = None) -> torch.Tensor:
     """silu_and_mul(linear(x, weight, bias, packed, scales)) for a gate_up weight [2I, K]; with
     `packed` ember's kernel does both in one pass (the same bits: the gate and up values are
     rounded as the [M, 2I] tensor would hold them)."""
     inter = weight.shape[0] // 2
+    if offsets is not None:            # W8A8: the product, then SiLU·mul
+        return silu_and_mul(linear(x, weight, bias, packed, scales, offsets))
     if (packed is not None and bias is None and inter % 32 == 0 and x.dim() == 2
             and x.dtype == torch.bfloat16 and x.stride(1) == 1):
         out = torch.empty(x.shape[0], inter, dtype=x.dtype)

@@ -39,6 +39,12 @@ class ParallelLMHead(PackedWeight, VocabParallelEmbedding):
         super().__init__(vocab_size, dim, ps)
         self.vocab_size = vocab_size
 
+    def pack_weight(self, quantization: str | None = None) -> None:
+        """As PackedWeight's, except that W8A8 leaves the LM head in the model's dtype (as vLLM's
+        W8A8 checkpoints do): its logits keep their precision and greedy rows keep the exact
+        argmax kernel; weight-only int8 quantizes it too."""
+        super().pack_weight(None if quantization == "w8a8" else quantization)
+
     def prepare_greedy(self) -> None:
         """After packing: the greedy kernel's tables, where it serves (CPU, bf16, one rank)."""
         self.greedy = (kernels.GreedyHead.prepare(self.weight.data, self.packed)

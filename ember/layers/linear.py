@@ -19,12 +19,23 @@ class PackedWeight:
     kernel does not serve (other devices and dtypes), and torch's linear runs.
 
     quantization="int8": weight-only int8 with a scale per output row (`scales`). `weight` then
-    holds the dequantized values, so that every path computes the same function."""
+    holds the dequantized values, so that every path computes the same function.
+    quantization="w8a8": the same int8 weights, and the inputs quantized to int8 per block of 64
+    as each call runs (kernels.quantize_linear_weight_w8a8; `offsets` is then set). A weight the
+    W8A8 kernel does not take (K not a multiple of 64) stays weight-only int8."""
     packed: torch.Tensor | None = None
     scales: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None
 
     def pack_weight(self, quantization: str | None = None) -> None:
-        self.packed = self.scales = None
+        self.packed = self.scales = self.offsets = None
+        if quantization == "w8a8":
+            quantized = kernels.quantize_linear_weight_w8a8(self.weight.data)
+            if quantized is not None:
+                self.packed, self.scales, self.offsets, dequantized = quantized
+                self.weight.data.copy_(dequantized)
+                return
+            quantization = "int8"
         if quantization == "int8":
             quantized = kernels.quantize_linear_weight_int8(self.weight.data)
             if quantized is not None:
@@ -32,7 +43,7 @@ class PackedWeight:
                 self.weight.data.copy_(dequantized)
                 return
         elif quantization is not None:
-            raise ValueError(f"unknown quantization {quantization!r}; ember has: int8")
+            raise ValueError(f"unknown quantization {quantization!r}; ember has: int8, w8a8")
         self.packed = kernels.pack_linear_weight(self.weight.data)
 
 
@@ -58,7 +69,7 @@ class ColumnParallelLinear(PackedWeight, nn.Module):
         param.data.copy_(_shard(loaded, 0, self.ps))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.weight, self.bias, self.packed, self.scales)
+        return kernels.linear(x, self.weight, self.bias, self.packed, self.scales, self.offsets)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -72,7 +83,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """silu(first matrix's outputs) · second's, e.g. gate_proj and up_proj: on the CPU kernel
         in one pass, without the [M, 2I] product."""
-        return kernels.linear_silu_and_mul(x, self.weight, self.bias, self.packed, self.scales)
+        return kernels.linear_silu_and_mul(x, self.weight, self.bias, self.packed, self.scales,
+                                           self.offsets)
 
     def _slice(self, shard_id: int) -> tuple[int, int]:
         return sum(self.out_sizes[:shard_id]), self.out_sizes[shard_id]
@@ -119,7 +131,8 @@ class RowParallelLinear(PackedWeight, nn.Module):
         param.data.copy_(loaded if param is self.bias else _shard(loaded, 1, self.ps))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = kernels.linear(x, self.weight, packed=self.packed, scales=self.scales)
+        y = kernels.linear(x, self.weight, packed=self.packed, scales=self.scales,
+                           offsets=self.offsets)
         y = self.ps.all_reduce(y)
         # The bias is added once, after the reduction.
         return y if self.bias is None else y + self.bias

@@ -8,7 +8,7 @@ them. Only touched pages count in RSS, so the plain copies of the linear weights
 torch fallback reads, stay on disk.
 
 An entry holds every parameter (after loading and, for int8, after quantizing) and every
-PackedWeight's `packed` and `scales`: one raw file with each tensor at a 4 KiB-aligned offset (the
+PackedWeight's `packed`, `scales` and `offsets`: one raw file with each tensor at a 4 KiB-aligned offset (the
 kernels stream the packed panels; an unaligned start would split every load across two cache
 lines), and index.json for names, dtypes, shapes and offsets. It is mapped private
 (copy-on-write): a later write into a parameter never reaches the file.
@@ -38,7 +38,8 @@ from ember.layers.linear import PackedWeight
 
 _ALIGN = 4096
 _AUTO_MAX_BYTES = 4 << 30
-_DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.int8)}
+_DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.int8,
+                                       torch.int32)}
 
 
 def _code_files() -> list[str]:
@@ -83,7 +84,7 @@ def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     out = dict(model.named_parameters())          # a tied weight once
     for name, module in model.named_modules():
         if isinstance(module, PackedWeight):
-            for attr in ("packed", "scales"):
+            for attr in ("packed", "scales", "offsets"):
                 t = getattr(module, attr)
                 if t is not None:
                     out[f"{name}.{attr}"] = t
@@ -163,7 +164,7 @@ def _map(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], index: d
                 return None
         else:
             module_name, attr = name.rsplit(".", 1)
-            if (attr not in ("packed", "scales")
+            if (attr not in ("packed", "scales", "offsets")
                     or not isinstance(model.get_submodule(module_name), PackedWeight)):
                 return None
         # past the file's end (an entry cut short) this raises

@@ -157,6 +157,54 @@ def test_int8_linear_matches_its_dequantized_weight(m):
                                atol=1e-2)
 
 
+needs_w8a8 = pytest.mark.skipif(not cpu.has_w8a8(), reason="needs AVX-512 VNNI and a compiler")
+
+
+@needs_w8a8
+@pytest.mark.parametrize("m", [1, 4, 5, 13, 64, 170])
+@pytest.mark.parametrize("k,n", [(576, 960), (64, 32), (1536, 64)])
+def test_w8a8_linear_matches_its_reference(m, k, n):
+    """The kernel's int8 sums are exact: it differs from the torch reference (same quantization,
+    fp64 sums) only by fp32 rounding, then one bf16 rounding of the output."""
+    g = torch.Generator().manual_seed(m * k + n)
+    w = (torch.randn(n, k, generator=g) / 14).bfloat16()
+    w[1] = 0                                           # an all-zero weight row
+    packed, scales, offsets, dequantized = kernels.quantize_linear_weight_w8a8(w)
+    q = torch.round(w.float() / scales[:, None])
+    # the layout: [N/32][K/4][32][4], offsets [N/32][K/64][32] = −128 · Σ q per block of 64
+    assert torch.equal(packed.view(n // 32, k // 4, 32, 4).permute(0, 2, 1, 3).reshape(n, k),
+                       q.to(torch.int8))
+    assert torch.equal(offsets.view(n // 32, k // 64, 32).transpose(1, 2).reshape(n, k // 64),
+                       (-128 * q.view(n, k // 64, 64).sum(-1)).int())
+    torch.testing.assert_close(dequantized, q * scales[:, None], rtol=0, atol=0)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    x[:, 5] *= 40                                      # an outlier input dim
+    x[0] = 0                                           # an all-zero row: scale 0, no NaN
+    bias = torch.randn(n, generator=g).bfloat16()
+    weight = dequantized.bfloat16()
+    for b in (None, bias):
+        got = kernels.linear(x, weight, b, packed, scales, offsets).float()
+        ref = kernels.linear_w8a8_reference(x, weight, scales, b).float()
+        assert got.isfinite().all()
+        ulp = ref.abs().amax(-1, keepdim=True).clamp_min(1e-6) * 2 ** -7   # one bf16 step at the top
+        assert ((got - ref).abs() <= ulp).all()
+        # and the reference is the product it approximates: int8 steps of both operands
+        exact = x.float() @ w.float().T + (0 if b is None else b.float())
+        assert ((ref - exact).abs() <= 0.05 * exact.abs().amax(-1, keepdim=True) + 0.02).all()
+
+
+@needs_w8a8
+def test_w8a8_takes_only_what_its_kernel_can():
+    assert kernels.quantize_linear_weight_w8a8(torch.randn(64, 96).bfloat16()) is None   # K % 64
+    assert kernels.quantize_linear_weight_w8a8(torch.randn(64, 128)) is None             # fp32
+    w = (torch.randn(64, 128) / 10).bfloat16()
+    packed, scales, offsets, deq = kernels.quantize_linear_weight_w8a8(w)
+    x = torch.randn(3, 2, 128)                          # not [M, K] bf16: the torch reference
+    got = kernels.linear(x, deq.bfloat16(), None, packed, scales, offsets)
+    torch.testing.assert_close(got, kernels.linear_w8a8_reference(x, deq.bfloat16(), scales))
+    assert got.shape == (3, 2, 64)
+
+
 def _greedy_head(w: torch.Tensor):
     packed = kernels.pack_linear_weight(w)
     head = kernels.GreedyHead.prepare(w, packed)

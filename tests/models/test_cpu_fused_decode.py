@@ -35,10 +35,12 @@ def _generate(llm, prompts):
                                        for d in o.outputs[0].logprobs]) for o in outs]
 
 
-@pytest.mark.parametrize("quantization", [None, "int8"])
+@pytest.mark.parametrize("quantization", [None, "int8", "w8a8"])
 @pytest.mark.parametrize("case", ["llama", "qwen2-bias", "qwen3-qknorm", "mistral-window"])
 def test_fused_decode_equals_modules(case, quantization, tmp_path, save_random_model):
     from ember import LLM
+    if quantization == "w8a8" and not cpu.has_w8a8():
+        pytest.skip("W8A8 needs AVX-512 VNNI")
 
     save_random_model(_config(case), str(tmp_path), seed=0)
 
@@ -46,6 +48,9 @@ def test_fused_decode_equals_modules(case, quantization, tmp_path, save_random_m
               quantization=quantization)
     model = llm.engine.model.model
     assert model.fused_decode is not None
+    if quantization == "w8a8":                 # every linear runs W8A8; the LM head stays bf16
+        assert all(m.offsets is not None for m in model.modules() if hasattr(m, "offsets"))
+        assert llm.engine.model.lm_head.offsets is None
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 49152, (n,), generator=g).tolist() for n in (5, 17, 40)]
     fused = _generate(llm, prompts)
@@ -76,10 +81,14 @@ def test_greedy_head_kernel_equals_the_logits_argmax(case, tmp_path, save_random
     assert kernel == logits
 
 
-def test_int8_stays_close_to_bf16_on_the_default_model():
-    """Weight-only int8 (per-row scales) moves the default model's logprobs only a little: the
-    chosen tokens' logprobs under bf16 and int8 weights, on the same (bf16-greedy) text."""
+@pytest.mark.parametrize("quantization", ["int8", "w8a8"])
+def test_int8_stays_close_to_bf16_on_the_default_model(quantization):
+    """Weight-only int8 (per-row scales), and W8A8 (int8 inputs too, per block of 64), move the
+    default model's logprobs only a little: the candidate tokens' logprobs under bf16 and the
+    quantized model, teacher-forced on the same (bf16-greedy) text."""
     from ember import LLM
+    if quantization == "w8a8" and not cpu.has_w8a8():
+        pytest.skip("W8A8 needs AVX-512 VNNI")
     prompts = ["The capital of France is", "Water boils at", "def add(a, b):",
                "The three primary colors are"]
     bf16 = LLM(dtype="bfloat16")
@@ -88,7 +97,7 @@ def test_int8_stays_close_to_bf16_on_the_default_model():
     texts = [p + o.outputs[0].text for p, o in zip(prompts, ref)]
     del bf16
     scores = {}
-    for quant in (None, "int8"):
+    for quant in (None, quantization):
         llm = LLM(dtype="bfloat16", quantization=quant, enable_prefix_caching=False)
         ids = [llm.get_tokenizer().encode(t) for t in texts]
         # score each text by decoding its own tokens: teacher-forced logprobs of the next token
@@ -98,7 +107,7 @@ def test_int8_stays_close_to_bf16_on_the_default_model():
         scores[quant] = [o.outputs[0].logprobs[0] for o in outs]
         del llm
     drift = []
-    for a, b in zip(scores[None], scores["int8"]):
+    for a, b in zip(scores[None], scores[quantization]):
         common = set(a) & set(b)
         assert len(common) >= 10                     # the same candidates rank near the top
         drift += [abs(a[t].logprob - b[t].logprob) for t in common]

@@ -57,9 +57,11 @@ def _entries(tmp_path):
                   for p in model.iterdir() if not p.name.startswith("."))
 
 
-@pytest.mark.parametrize("quantization", [None, "int8"])
+@pytest.mark.parametrize("quantization", [None, "int8", "w8a8"])
 def test_a_model_mapped_from_the_cache_is_the_model_prepared_anew(folder, restores, tmp_path,
                                                                    monkeypatch, quantization):
+    if quantization == "w8a8" and not cpu.has_w8a8():
+        pytest.skip("W8A8 needs AVX-512 VNNI")
     opts = dict(dtype="bfloat16", quantization=quantization)
     first = _load(folder, **opts)              # prepares and writes the entry
     second = _load(folder, **opts)             # maps it
@@ -69,6 +71,8 @@ def test_a_model_mapped_from_the_cache_is_the_model_prepared_anew(folder, restor
     assert a.keys() == b.keys()
     if cpu.has_linear_bf16():                   # the packed weights came from the file too
         assert any(name.endswith(".packed") for name in b)
+    if quantization == "w8a8":                  # and W8A8's offsets
+        assert any(name.endswith(".offsets") for name in b)
     for name in a:
         assert torch.equal(a[name], b[name]), name
     monkeypatch.setenv("EMBER_PREPARED_CACHE", "0")

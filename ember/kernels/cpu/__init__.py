@@ -34,6 +34,8 @@ _SIGNATURES = {
     "ember_has_bf16_dot": ([], _I32),
     "ember_linear_bf16": ([_P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64], None),
     "ember_linear_w8": ([_P, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _I64], None),
+    "ember_has_w8a8": ([], _I32),
+    "ember_linear_w8a8": ([_P, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64], None),
     "ember_linear_silu": ([_P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64], None),
     "ember_rms_norm": ([_I32, _P, _P, _P, _P, _P, _I64, _I64, _F32], None),
     "ember_rotary": ([_I32, _P, _I64, _P, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _I64], None),
@@ -122,3 +124,10 @@ def has_bf16_dot() -> bool:
     widen bf16 pairs to fp32 and use FMAs (kernels.cpp, dot())."""
     lib = library()
     return lib is not None and bool(lib.ember_has_bf16_dot())
+
+
+@functools.cache
+def has_w8a8() -> bool:
+    """Whether the W8A8 linear (int8 weights and activations, VNNI dot products) serves here."""
+    lib = library()
+    return lib is not None and bool(lib.ember_has_w8a8())

@@ -21,7 +21,9 @@ _P = ctypes.c_void_p
 class _LayerWeights(ctypes.Structure):
     _fields_ = [(name, _P) for name in ("input_norm", "post_norm", "qkv", "qkv_bias", "q_norm",
                                         "k_norm", "o", "gate_up", "down", "qkv_scale", "o_scale",
-                                        "gate_up_scale", "down_scale", "kv_cache")]
+                                        "gate_up_scale", "down_scale", "kv_cache",
+                                        "qkv_offsets", "o_offsets", "gate_up_offsets",
+                                        "down_offsets")]
 
 
 class _DecodeShape(ctypes.Structure):
@@ -84,6 +86,10 @@ class FusedLlamaDecode:
                 entry.qkv_scale, entry.o_scale = _ptr(a.qkv_proj.scales), _ptr(a.o_proj.scales)
                 entry.gate_up_scale = _ptr(m.gate_up_proj.scales)
                 entry.down_scale = _ptr(m.down_proj.scales)
+                entry.qkv_offsets, entry.o_offsets = (_ptr(a.qkv_proj.offsets),
+                                                      _ptr(a.o_proj.offsets))
+                entry.gate_up_offsets = _ptr(m.gate_up_proj.offsets)
+                entry.down_offsets = _ptr(m.down_proj.offsets)
             self._layers, self._cache_key = layers, key
             a, cache = self.model.layers[0].self_attn, kv_caches[0]
             self._shape = _DecodeShape(
