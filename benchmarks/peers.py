@@ -32,10 +32,12 @@ SHARED = REPO.parent / "shared"
 LOADGEN = SHARED / "loadgen.py"
 TOKENIZER = SHARED / "models" / "smollm2-135m-instruct-tokenizer"
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
-ENGINES = ("ember", "vllm", "llamacpp", "ember-int8", "llamacpp-q4", "vllm-fp32")
+ENGINES = ("ember", "vllm", "llamacpp", "ember-int8", "ember-w8a8", "llamacpp-q4", "vllm-fp32")
 DEFAULT_ENGINES = ("ember", "vllm", "llamacpp")
-# ember-int8: weight-only int8 (--quantization int8); llamacpp-q4: llama-server on the original
-# Q4_1 GGUF. The quantized pair is compared with each other, bf16 engines with each other.
+# ember-int8: weight-only int8 (--quantization int8); ember-w8a8: int8 weights and activations
+# (--quantization w8a8); llamacpp-q4: llama-server on the original Q4_1 GGUF (which llama.cpp runs
+# on int8 activations too). bf16 engines are compared with each other; the quantized ones with
+# llamacpp-q4, and ember-w8a8 also with the unquantized peers (a lossy option: say so).
 # vllm-fp32: vLLM in fp32, its best on CPUs without AVX-512 BF16, where its bf16 may be slower.
 W1_SEED, W2_SEED = 11, 21           # distinct prompts per run: the prefix caches must not hit
 ROUND_SEED_STEP = 100                # round r adds 100·r: each round its own prompts
@@ -194,6 +196,8 @@ def server_command(engine: str, p: Paths, port: int) -> tuple[list, dict]:
         return [sys.executable, "-m", "ember.cli", "serve", *host], env
     if engine == "ember-int8":
         return [sys.executable, "-m", "ember.cli", "serve", "--quantization", "int8", *host], env
+    if engine == "ember-w8a8":
+        return [sys.executable, "-m", "ember.cli", "serve", "--quantization", "w8a8", *host], env
     if engine in ("vllm", "vllm-fp32"):
         env.update(VLLM_CPU_OMP_THREADS_BIND="0-1", VLLM_CPU_NUM_OF_RESERVED_CPU="0",
                    VLLM_CPU_KVCACHE_SPACE="4")
@@ -383,7 +387,9 @@ def table(rounds: list[dict]) -> str:
     engines = list(dict.fromkeys(e for r in rounds for e in r))
     # (ember engine, peer): bf16 against bf16 peers, int8 against the 4-bit llama.cpp file
     pairs = [(ours, e) for ours, peers in (("ember", ("vllm", "vllm-fp32", "llamacpp")),
-                                           ("ember-int8", ("llamacpp-q4",)))
+                                           ("ember-int8", ("llamacpp-q4",)),
+                                           ("ember-w8a8", ("vllm", "vllm-fp32", "llamacpp",
+                                                           "llamacpp-q4")))
              if ours in engines for e in peers if e in engines]
     head = ["metric", *engines, *[f"{a}/{b}" for a, b in pairs]]
     rows = []

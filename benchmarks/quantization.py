@@ -1,15 +1,17 @@
-"""Weight-only int8 vs bf16 on the default model: what it costs in quality, what it buys in speed.
+"""Weight-only int8 and W8A8 vs bf16 on the default model: what each costs in quality, what it buys
+in speed.
 
 Quality, teacher-forced: 16 prompts are continued greedily for 48 tokens in bf16; then at every
-position of those texts both engines give their next-token distribution (top 20 logprobs, one
-token generated per prefix). Reported: how often the argmax agrees, the mean |Δ logprob| of the
-bf16 argmax token, and its mean logprob under each (a perplexity-like figure).
-Speed: batch-1 decode ms/token and a 64-sequence batch's output tokens/s, both engines in this run.
+position of those texts each engine gives its next-token distribution (top 20 logprobs, one
+token generated per prefix). Reported: how often the argmax agrees with bf16's, the mean
+|Δ logprob| of the bf16 argmax token, and its mean logprob under each (a perplexity-like figure).
+Speed: batch-1 decode ms/token and a 64-sequence batch's output tokens/s, every engine in this run.
 
-    python benchmarks/quantization.py
+    python benchmarks/quantization.py [--quantizations int8,w8a8]
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -44,9 +46,12 @@ def speed(llm: LLM) -> tuple[float, float]:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quantizations", default="int8,w8a8", help="compared with bf16, in order")
+    quants = ap.parse_args().quantizations.split(",")
     results = {}
     prefixes = None
-    for quant in (None, "int8"):
+    for quant in (None, *quants):
         llm = LLM(dtype="bfloat16", quantization=quant)
         if prefixes is None:
             outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=CONTINUATION,
@@ -57,27 +62,27 @@ def main() -> None:
                 prefixes += [ids[:i] for i in range(len(o.prompt_token_ids), len(ids))]
         results[quant] = (distributions(llm, prefixes), *speed(llm))
         del llm
-    ref, test = results[None][0], results["int8"][0]
-    agree = sum(max(a, key=a.get) == max(b, key=b.get) for a, b in zip(ref, test)) / len(ref)
-    deltas, lp_ref, lp_test = [], [], []
-    for a, b in zip(ref, test):
-        top = max(a, key=a.get)
-        if top in b:
-            deltas.append(abs(a[top] - b[top]))
-            lp_ref.append(a[top])
-            lp_test.append(b[top])
+    ref = results[None][0]
     print(f"positions scored: {len(ref)} ({len(PROMPTS)} prompts x {CONTINUATION})")
-    print(f"argmax agreement int8 vs bf16: {agree:.1%}")
-    print(f"mean |d logprob| of the bf16 argmax token: {statistics.mean(deltas):.4f} "
-          f"(p99 {sorted(deltas)[int(0.99 * len(deltas))]:.4f}; {len(deltas)} positions where "
-          f"int8's top 20 holds it)")
-    print(f"mean logprob of the bf16 argmax token: bf16 {statistics.mean(lp_ref):.4f}, "
-          f"int8 {statistics.mean(lp_test):.4f}")
-    for name, key in (("bf16", None), ("int8", "int8")):
-        _, itl, tps = results[key]
-        print(f"{name}: batch-1 decode {itl:.2f} ms/token, 64 x 128 tokens {tps:.0f} tok/s")
-    print(f"int8 / bf16: batch-1 {results[None][1] / results['int8'][1]:.2f}x faster, "
-          f"batch-64 {results['int8'][2] / results[None][2]:.2f}x")
+    for quant in quants:
+        test = results[quant][0]
+        agree = sum(max(a, key=a.get) == max(b, key=b.get) for a, b in zip(ref, test)) / len(ref)
+        deltas, lp_ref, lp_test = [], [], []
+        for a, b in zip(ref, test):
+            top = max(a, key=a.get)
+            if top in b:
+                deltas.append(abs(a[top] - b[top]))
+                lp_ref.append(a[top])
+                lp_test.append(b[top])
+        print(f"{quant}: argmax agreement with bf16 {agree:.1%}; mean |d logprob| of the bf16 "
+              f"argmax token {statistics.mean(deltas):.4f} (p99 "
+              f"{sorted(deltas)[int(0.99 * len(deltas))]:.4f}; {len(deltas)} positions where "
+              f"{quant}'s top 20 holds it); its mean logprob: bf16 {statistics.mean(lp_ref):.4f}, "
+              f"{quant} {statistics.mean(lp_test):.4f}")
+    for quant in (None, *quants):
+        _, itl, tps = results[quant]
+        print(f"{quant or 'bf16'}: batch-1 decode {itl:.2f} ms/token ({results[None][1] / itl:.2f}x "
+              f"bf16's speed), 64 x 128 tokens {tps:.0f} tok/s ({tps / results[None][2]:.2f}x)")
 
 
 if __name__ == "__main__":

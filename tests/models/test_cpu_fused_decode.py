@@ -112,3 +112,12 @@ def test_int8_stays_close_to_bf16_on_the_default_model(quantization):
         assert len(common) >= 10                     # the same candidates rank near the top
         drift += [abs(a[t].logprob - b[t].logprob) for t in common]
     assert sum(drift) / len(drift) < 0.25
+
+
+def test_quantization_is_checked_before_anything_loads():
+    from ember import LLM
+    with pytest.raises(ValueError, match="unknown quantization 'fp4'; ember has: int8, w8a8"):
+        LLM(quantization="fp4")
+    for quant in ("int8", "w8a8"):
+        with pytest.raises(ValueError, match="needs dtype bfloat16"):
+            LLM(dtype="float32", quantization=quant)
