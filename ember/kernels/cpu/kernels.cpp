@@ -687,22 +687,31 @@ static inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
     return acc;
 }
 
-// The int8 estimate of R rows × 32 outputs, unscaled: Σ_k u·q (u = p + 128).
+// acc[i] += Σ u·q over `quads` groups of four inputs: u the rows of unsigned bytes (row i at
+// u + i·ldu), q a panel's int8 weights as [quads][32][4]. The loop every VNNI kernel runs.
 template <int R>
-static inline void vnni_tile(const uint8_t* u, int64_t K, const int8_t* qp, int32_t* sums) {
-    __m512i acc[R][2];
-    for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
-    for (int64_t kq = 0; kq < K / 4; kq++) {
-        const __m512i b0 = _mm512_loadu_si512(qp + kq * 128);
-        const __m512i b1 = _mm512_loadu_si512(qp + kq * 128 + 64);
+__attribute__((always_inline)) static inline void vnni_sums(const uint8_t* u, int64_t ldu,
+                                                            const int8_t* q, int64_t quads,
+                                                            __m512i (&acc)[R][2]) {
+    for (int64_t kq = 0; kq < quads; kq++) {
+        const __m512i b0 = _mm512_loadu_si512(q + kq * 128);
+        const __m512i b1 = _mm512_loadu_si512(q + kq * 128 + 64);
         for (int i = 0; i < R; i++) {
             int32_t quad;
-            std::memcpy(&quad, u + i * K + 4 * kq, 4);
+            std::memcpy(&quad, u + i * ldu + 4 * kq, 4);
             const __m512i a = _mm512_set1_epi32(quad);
             acc[i][0] = dpbusd(acc[i][0], a, b0);
             acc[i][1] = dpbusd(acc[i][1], a, b1);
         }
     }
+}
+
+// The int8 estimate of R rows × 32 outputs, unscaled: Σ_k u·q (u = p + 128).
+template <int R>
+static inline void vnni_tile(const uint8_t* u, int64_t K, const int8_t* qp, int32_t* sums) {
+    __m512i acc[R][2];
+    for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
+    vnni_sums<R>(u, K, qp, K / 4, acc);
     for (int i = 0; i < R; i++) {
         _mm512_storeu_si512(sums + i * 32, acc[i][0]);
         _mm512_storeu_si512(sums + i * 32 + 16, acc[i][1]);
@@ -996,18 +1005,7 @@ static inline void w8a8_tile(const uint8_t* u, const float* s, int64_t K, const 
             for (int l = 0; l < QBLOCK * 32; l += 64)
                 _mm_prefetch((const char*)(next + b * QBLOCK * 32 + l), _MM_HINT_T0);
         }
-        #pragma GCC unroll 4
-        for (int g = 0; g < QBLOCK / 4; g++) {
-            const __m512i w0 = _mm512_loadu_si512(wp + g * 128);
-            const __m512i w1 = _mm512_loadu_si512(wp + g * 128 + 64);
-            for (int i = 0; i < R; i++) {
-                int32_t quad;
-                std::memcpy(&quad, ub + i * K + 4 * g, 4);
-                const __m512i a = _mm512_set1_epi32(quad);
-                sum[i][0] = dpbusd(sum[i][0], a, w0);
-                sum[i][1] = dpbusd(sum[i][1], a, w1);
-            }
-        }
+        vnni_sums<R>(ub, K, wp, QBLOCK / 4, sum);
         for (int i = 0; i < R; i++) {
             const __m512 sx = _mm512_set1_ps(s[i * nb + b]);
             acc[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[i][0]), sx, acc[i][0]);
