@@ -6,6 +6,7 @@
 // dtype wherever the torch version materialises a tensor of that dtype.
 //
 //   linear_bf16   y = x·Wᵀ (+ b) over packed bf16 weights (linear_w8: int8 weights, row scales)
+//   linear_w8a8   the same over int8 weights and int8 inputs (per block of 64), VNNI dot products
 //   rms_norm      out = w · norm(x + residual), the sum written for the next layer (fused add)
 //   rotary        neox-style rotation of q and k, cos|sin table indexed by position
 //   silu_mul      out = silu(gate) · up
@@ -955,7 +956,8 @@ extern "C" void ember_greedy_head(const bf16* x, int64_t ldx, int64_t M, const b
 //   y[m, n] = s_w[n] · Σ_blocks s_x[m, b] · (Σ_{k∈b} u·q_w + offset[b, n]) + bias[n]
 // The int32 sums are exact (|Σ| ≤ 64 · 255 · 127 per block); a block's sum is converted to fp32
 // and scaled into a fp32 accumulator. A tile is 5 rows × 32 outputs: 10 int32 and 10 fp32
-// accumulators in registers (6 rows: 0.89x at 1024 rows, 0.98x at 64; 4 and 7 slower still).
+// accumulators in registers (6 rows: 0.89-0.95x at 1024 rows, 0.98-1.00x at 64; 4 and 7 rows
+// slower than 6).
 #if defined(__AVX512VNNI__)
 constexpr int W8A8_MR = 5;
 constexpr int64_t QBLOCK = 64;
