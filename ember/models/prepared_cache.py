@@ -7,10 +7,10 @@ mapping one file, ~10 ms; the pages then come in from the page cache as the firs
 them. Only touched pages count in RSS, so the plain copies of the linear weights, which only the
 torch fallback reads, stay on disk.
 
-An entry holds every parameter (after loading and, for int8, after quantizing) and every
-PackedWeight's `packed`, `scales` and `offsets`: one raw file with each tensor at a 4 KiB-aligned offset (the
-kernels stream the packed panels; an unaligned start would split every load across two cache
-lines), and index.json for names, dtypes, shapes and offsets. It is mapped private
+An entry holds every parameter (after loading and, for int8 and w8a8, after quantizing) and every
+PackedWeight's `packed`, `scales` and `offsets`: one raw file with each tensor at a 4 KiB-aligned
+offset (the kernels stream the packed panels; an unaligned start would split every load across two
+cache lines), and index.json for names, dtypes, shapes and offsets. It is mapped private
 (copy-on-write): a later write into a parameter never reaches the file.
 
 The key is the checkpoint's files (path, size, mtime), the dtype and the quantization (a folder),
