@@ -70,18 +70,23 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
     return _pack(weight) if _linear_kernel_takes(weight) else None
 
 
-def quantize_linear_weight_int8(weight: torch.Tensor
-                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Weight-only int8 for the CPU kernel: symmetric, one fp32 scale per output row
-    (q = round(w / s), s = max|w_row| / 127). Returns (q packed like pack_linear_weight, the
-    scales, q · s: the weight the kernel computes with), or None where the kernel does not serve
-    this weight."""
-    if not _linear_kernel_takes(weight):
-        return None
+def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] → (q int8 [N, K], scales [N]): symmetric, one fp32 scale per output row,
+    q = round(w / s), s = max|w_row| / 127."""
     w = weight.float()
     scales = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)
-    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
-    return _pack(q), scales.contiguous(), q.float() * scales[:, None]
+    return torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8), scales.contiguous()
+
+
+def quantize_linear_weight_int8(weight: torch.Tensor
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Weight-only int8 for the CPU kernel (_int8_rows). Returns (q packed like
+    pack_linear_weight, the scales, q · s: the weight the kernel computes with), or None where
+    the kernel does not serve this weight."""
+    if not _linear_kernel_takes(weight):
+        return None
+    q, scales = _int8_rows(weight)
+    return _pack(q), scales, q.float() * scales[:, None]
 
 
 W8A8_BLOCK = 64     # inputs per activation scale (kernels.cpp, linear_w8a8)
@@ -97,14 +102,12 @@ def quantize_linear_weight_w8a8(weight: torch.Tensor) -> tuple[torch.Tensor, ...
     if not (_linear_kernel_takes(weight) and weight.shape[1] % W8A8_BLOCK == 0
             and cpu.has_w8a8()):
         return None
-    w = weight.float()
-    n, k = w.shape
-    scales = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)
-    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    n, k = weight.shape
+    q, scales = _int8_rows(weight)
     packed = q.view(n // 32, 32, k // 4, 4).permute(0, 2, 1, 3).contiguous().view(-1)
     sums = q.view(n, k // W8A8_BLOCK, W8A8_BLOCK).sum(-1, dtype=torch.int32)
     offsets = (-128 * sums).view(n // 32, 32, -1).transpose(1, 2).contiguous().view(-1)
-    return packed, scales.contiguous(), offsets, q.float() * scales[:, None]
+    return packed, scales, offsets, q.float() * scales[:, None]
 
 
 def quantize_activations_w8a8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,10 +140,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     quantize_linear_weight_int8 with its `scales`, or quantize_linear_weight_w8a8 with its
     `scales` and `offsets`), ember's kernel runs; otherwise torch's, on `weight` (for W8A8:
     linear_w8a8_reference)."""
-    if offsets is not None and not (x.dim() == 2 and x.dtype == torch.bfloat16
-                                    and x.stride(1) == 1 and x.device.type == "cpu"
-                                    and (bias is None or bias.dtype == torch.bfloat16)):
-        return linear_w8a8_reference(x, weight, scales, bias)
     if (packed is not None and x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(1) == 1
             and (bias is None or bias.dtype == torch.bfloat16)):
         m, k = x.shape
@@ -157,6 +156,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             cpu.library().ember_linear_w8(x.data_ptr(), x.stride(0), packed.data_ptr(),
                                           scales.data_ptr(), _ptr(bias), y.data_ptr(), n, m, n, k)
         return y
+    if offsets is not None:             # an input the W8A8 kernel does not take
+        return linear_w8a8_reference(x, weight, scales, bias)
     return F.linear(x, weight, bias)
 
 

@@ -1054,10 +1054,9 @@ static void linear_w8a8_impl(const bf16* x, int64_t ldx, const int8_t* packed,
     quantize_blocks(x, ldx, M, K, u, s);
     const int64_t panels = N / 32, nb = K / QBLOCK;
     for_panel_blocks(panels, M, [&](int64_t p, int64_t m0, int64_t rows) {
-        const int8_t* next = m0 == 0 && p + 1 < panels ? packed + (p + 1) * K * 32 : nullptr;
         w8a8_rows(u + m0 * K, s + m0 * nb, K, rows, packed + p * K * 32, offsets + p * nb * 32,
                   scales + p * 32, bias ? bias + p * 32 : nullptr, y + m0 * ldy + p * 32, ldy,
-                  next);
+                  panel_to_fetch(packed, p, panels, K, m0));
     });
 }
 #endif
